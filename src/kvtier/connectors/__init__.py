@@ -1,0 +1,1 @@
+"""Engine adapters over one shared connector core."""

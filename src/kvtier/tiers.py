@@ -1,0 +1,18 @@
+"""The storage tiers, as one enum (never strings like "cpu")."""
+
+import enum
+
+
+class Tier(enum.IntEnum):
+    G1 = 1  # engine device KV tensors (owned by the engine)
+    G2 = 2  # host RAM arena
+    G3 = 3  # local disk
+    G4 = 4  # remote shared store
+
+    @property
+    def medium(self) -> str:
+        """vLLM KV-event medium name for this tier."""
+        return _MEDIUM[self]
+
+
+_MEDIUM = {Tier.G1: "GPU", Tier.G2: "CPU", Tier.G3: "DISK", Tier.G4: "REMOTE"}
