@@ -15,4 +15,5 @@ class Tier(enum.IntEnum):
         return _MEDIUM[self]
 
 
-_MEDIUM = {Tier.G1: "GPU", Tier.G2: "CPU", Tier.G3: "DISK", Tier.G4: "REMOTE"}
+# vLLM's medium names where it has one (GPU, CPU, STORAGE).
+_MEDIUM = {Tier.G1: "GPU", Tier.G2: "CPU", Tier.G3: "STORAGE", Tier.G4: "REMOTE"}

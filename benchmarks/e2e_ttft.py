@@ -1,0 +1,132 @@
+"""TTFT of a repeated 8k-token prefix after device eviction, on the CPU build of vLLM.
+
+Engines (each in its own process, tiny random-weight Llama, device prefix cache reset before
+every prompt so reuse must come from the connector):
+  recompute           vLLM alone
+  example_connector   vLLM's built-in ExampleConnector (safetensors files on disk)
+  kvtier              host tier sized below two prompts, plus a disk tier: prompts P and Q
+                      alternate, so each one's blocks have left G2 when it comes back (G3
+                      hits), while an immediate repeat is a G2 hit.
+Also the scheduler-side time kvtier adds per request per step, measured on vLLM's real
+Scheduler with and without the connector (no model).
+
+Metrics: g2_hit_vs_recompute, g3_hit_vs_recompute, g3_vs_example_connector (ratio = the
+other's TTFT / kvtier's TTFT) and sched_overhead_us (value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+
+from kvtier.cli.tiny_model import make_tiny_llama, random_words  # noqa: E402
+from kvtier.cli.vllm_job import run_job_process  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ttft_jobs(model: str, workdir: Path, tokens: int, repeats: int) -> dict[str, float]:
+    rng = random.Random(0)
+    p, q = random_words(rng, tokens), random_words(rng, tokens)
+    base = {"model": model, "block_size": 32, "max_model_len": tokens + 2048}
+    blocks = tokens // 32
+
+    def phase(prompts):
+        return {"prompts": prompts, "max_tokens": 1, "reset_device_cache": True}
+
+    log = str(workdir / "engines.log")
+    recompute = run_job_process({**base, "phases": [phase([p]), phase([p] * repeats)]},
+                                log_path=log)
+    example = run_job_process({**base, "connector": {
+        "name": "ExampleConnector", "extra": {"shared_storage_path": str(workdir / "example")}},
+        "phases": [phase([p]), phase([p] * repeats)]}, log_path=log)
+    port = free_port()
+    kvtier = run_job_process({**base, "connector": {
+        "name": "KvtierConnector", "module": "kvtier.connectors.vllm",
+        "extra": {"host_cache_blocks": blocks + blocks // 4, "disk_cache_blocks": 8 * blocks,
+                  "disk_dir": str(workdir / "g3"), "disk_admission": "always",
+                  "metrics_port": port}},
+        "phases": [phase([p, q]), phase([p] * repeats), phase([q, p] * repeats)]},
+        log_path=log)
+    g2 = kvtier["phases"][1]["ttft_s"][1:]           # P again, straight after P: G2
+    g3 = kvtier["phases"][2]["ttft_s"]               # alternating: each from G3
+    served = {k: v for k, v in kvtier.get("metrics", {}).items() if "matched_tokens" in k}
+    return {"recompute": statistics.median(recompute["phases"][1]["ttft_s"]),
+            "example_connector": statistics.median(example["phases"][1]["ttft_s"]),
+            "kvtier_g2": statistics.median(g2), "kvtier_g3": statistics.median(g3),
+            "served": served}
+
+
+def sched_overhead_us(model: str, num_requests: int, steps: int) -> tuple[float, float]:
+    """(us per request per step with kvtier, same without a connector) on vLLM's Scheduler."""
+    from sched_harness import make_harness
+
+    def run(extra):
+        h = make_harness(model, extra, num_blocks=4096, max_num_seqs=num_requests)
+        rng = random.Random(1)
+        for i in range(num_requests):
+            h.add(f"r{i}", [rng.randint(3, 1000) for _ in range(512)], max_tokens=steps + 64)
+        for _ in range(4):     # prefill and warm up
+            h.step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            h.step()
+        return (time.perf_counter() - started) / (steps * num_requests) * 1e6
+
+    with_kvtier = statistics.median(run({"host_cache_blocks": 8192}) for _ in range(3))
+    without = statistics.median(run(None) for _ in range(3))
+    return with_kvtier, without
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokens", type=int, default=8192)
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 5
+    workdir = Path(tempfile.mkdtemp(prefix="kvtier-e2e-"))
+    model = str(make_tiny_llama(workdir / "tiny"))
+    t = ttft_jobs(model, workdir, args.tokens - 256, repeats)
+    ours, plain = sched_overhead_us(model, 32, 20 if args.quick else 100)
+    overhead = max(ours - plain, 0.0)
+    print(f"{'path':<28}{'median TTFT':>14}")
+    for name in ("recompute", "example_connector", "kvtier_g2", "kvtier_g3"):
+        print(f"{name:<28}{t[name] * 1000:>11.1f} ms")
+    print(f"tokens served: {t['served']}")
+    print(f"scheduler step per request: {ours:.1f} us with kvtier, {plain:.1f} us without")
+    results = [
+        _ratio("g2_hit_vs_recompute", t["recompute"], t["kvtier_g2"], "recompute"),
+        _ratio("g3_hit_vs_recompute", t["recompute"], t["kvtier_g3"], "recompute"),
+        _ratio("g3_vs_example_connector", t["example_connector"], t["kvtier_g3"],
+               "example_connector"),
+        {"metric": "sched_overhead_us", "value": round(overhead, 2), "unit": "us",
+         "baseline": "vllm_scheduler_without_connector", "baseline_value": round(plain, 2),
+         "ratio": round(ours / plain, 3) if plain else None},
+    ]
+    print(json.dumps({"bench": "e2e_ttft", "results": results}))
+    return 0
+
+
+def _ratio(metric: str, other_s: float, ours_s: float, baseline: str) -> dict:
+    return {"metric": metric, "value": round(ours_s * 1000, 2), "unit": "ms_ttft",
+            "baseline": baseline, "baseline_value": round(other_s * 1000, 2),
+            "ratio": round(other_s / ours_s, 2)}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

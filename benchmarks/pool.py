@@ -1,0 +1,151 @@
+"""Leader block-pool cycle throughput: kvtier's BlockPool vs vLLM's own BlockPool.
+
+The cycle, per request (as a leader runs it for one tier): match the request's prefix (a
+shared system prompt, cached) taking references, allocate blocks for the rest (evicting
+least recently used cached blocks once the pool is full), write and register them, touch
+the shared prefix, then release every block tail first. vLLM's ``vllm.v1.core.block_pool
+.BlockPool`` (constructed directly, prefix caching on) runs the same sequence through its
+own API: ``get_cached_block`` + ``touch`` (its match), ``get_new_blocks``,
+``cache_full_blocks``, ``free_blocks``; it has no separate touch, so kvtier does strictly
+more work. Both use the same 32-byte block hashes (vLLM's key type).
+
+Metrics (blocks/s, blocks = request blocks cycled; median of interleaved runs, CPU time of
+this process so that other load on the machine does not skew the ratio):
+  pool_cycle         events off on both pools
+  pool_cycle_events  KV events on both pools (kvtier also records token ids, as vLLM does)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import statistics
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+logging.getLogger("vllm").setLevel(logging.WARNING)
+
+from kvtier.events import EventBuffer  # noqa: E402
+from kvtier.pools import BlockPool  # noqa: E402
+from kvtier.tiers import Tier  # noqa: E402
+
+BLOCK = 16
+
+
+def make_workload(num_requests: int, num_prefixes: int, prefix_blocks: int,
+                  unique_blocks: int, seed: int = 0) -> list[tuple[list[bytes], list[int]]]:
+    """Per request: its chained block keys and tokens (a shared prefix + unique blocks)."""
+    rng = random.Random(seed)
+    token_rng = np.random.default_rng(seed)
+
+    def key(*parts: object) -> bytes:
+        return hashlib.sha256(repr(parts).encode()).digest()
+
+    prefixes = [[key("p", p, i) for i in range(prefix_blocks)] for p in range(num_prefixes)]
+    # Popular prompts are reused more (Zipf-like weights).
+    weights = [1.0 / (rank + 1) for rank in range(num_prefixes)]
+    requests = []
+    for r in range(num_requests):
+        prefix = rng.choices(prefixes, weights)[0]
+        keys = prefix + [key("u", r, i) for i in range(unique_blocks)]
+        tokens = token_rng.integers(0, 150_000, size=len(keys) * BLOCK).tolist()
+        requests.append((keys, tokens))
+    return requests
+
+
+def run_kvtier(pool: BlockPool, requests, with_tokens: bool) -> float:
+    start = time.process_time()
+    for keys, tokens in requests:
+        hit = pool.match(keys)
+        num_hit = len(hit)
+        new = pool.allocate(len(keys) - num_hit)
+        if not new and num_hit < len(keys):
+            raise SystemExit("kvtier pool ran out of blocks: enlarge it")
+        pool.complete(new)
+        new = pool.register(new, keys[num_hit:], parent=keys[num_hit - 1] if num_hit else None,
+                            token_ids=tokens[num_hit * BLOCK:] if with_tokens else None)
+        pool.touch(keys[:num_hit])
+        blocks = hit + new
+        blocks.reverse()
+        pool.release(blocks)
+        if pool._events is not None:
+            pool._events.take_events()
+    return time.process_time() - start
+
+
+def run_vllm(pool, requests) -> float:
+    reqs = [SimpleNamespace(block_hashes=keys, all_token_ids=tokens, num_tokens=len(tokens),
+                            lora_request=None, mm_features=[], cache_salt=None,
+                            prompt_embeds=None, session_id=None)
+            for keys, tokens in requests]
+    start = time.process_time()
+    for request in reqs:
+        keys = request.block_hashes
+        hit = []
+        for block_hash in keys:
+            cached = pool.get_cached_block(block_hash, [0])
+            if cached is None:
+                break
+            hit.append(cached[0])
+        pool.touch(hit)
+        num_hit = len(hit)
+        new = pool.get_new_blocks(len(keys) - num_hit)
+        blocks = hit + new
+        pool.cache_full_blocks(request, blocks, num_hit, len(keys), BLOCK, 0)
+        pool.free_blocks(reversed(blocks))
+        pool.take_events()
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run (< 40 s)")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    num_requests = 600 if args.quick else 3000
+    repeats = args.repeats or (5 if args.quick else 9)
+    capacity, num_prefixes, prefix_blocks, unique_blocks = 4096, 16, 32, 24
+
+    from vllm.v1.core.block_pool import BlockPool as VllmBlockPool
+
+    requests = make_workload(num_requests, num_prefixes, prefix_blocks, unique_blocks)
+    num_blocks = sum(len(keys) for keys, _ in requests)
+    samples: dict[str, list[float]] = {k: [] for k in ("ours", "vllm", "ours_ev", "vllm_ev")}
+    for _ in range(repeats):
+        for events in (False, True):
+            suffix = "_ev" if events else ""
+            ours = BlockPool(Tier.G1, capacity, eviction="lru",
+                             events=EventBuffer() if events else None, block_size=BLOCK)
+            samples["ours" + suffix].append(num_blocks / run_kvtier(ours, requests, events))
+            ours.check_invariants()
+            # vLLM reserves block 0 as its null block: give it one more to hold as many.
+            theirs = VllmBlockPool(capacity + 1, enable_caching=True, hash_block_size=BLOCK,
+                                   enable_kv_cache_events=events)
+            samples["vllm" + suffix].append(num_blocks / run_vllm(theirs, requests))
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"{num_requests} requests x {prefix_blocks}+{unique_blocks} blocks, pool of "
+          f"{capacity} blocks, {num_prefixes} shared prefixes; median of {repeats} runs")
+    print(f"{'metric':<19}{'kvtier blocks/s':>17}{'vLLM blocks/s':>16}{'ratio':>8}")
+    results = []
+    for metric, ours, theirs, label in (
+            ("pool_cycle", "ours", "vllm", "vllm.v1.core.block_pool.BlockPool"),
+            ("pool_cycle_events", "ours_ev", "vllm_ev",
+             "vllm.v1.core.block_pool.BlockPool (kv events on)")):
+        ratio = med[ours] / med[theirs]
+        print(f"{metric:<19}{med[ours]:>17,.0f}{med[theirs]:>16,.0f}{ratio:>8.2f}")
+        results.append({"metric": metric, "value": round(med[ours]), "unit": "blocks/s",
+                        "baseline": label, "baseline_value": round(med[theirs]),
+                        "ratio": round(ratio, 2)})
+    print(json.dumps({"bench": "pool", "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""`kvtier demo`: a real vLLM serving evicted conversation prefixes from kvtier's tiers.
+
+Three engines, one after the other, on a tiny random-weight Llama (no download):
+  1. vLLM alone: every turn recomputes its whole conversation (the device cache is too small
+     to keep them and is reset between turns);
+  2. vLLM + kvtier (host + disk tiers under a temp dir): turns reload their history from G2;
+  3. the same kvtier set-up after a restart: the host tier is gone, histories load from G3.
+It prints TTFT per turn for each, tokens served per tier, whether outputs are identical, and
+writes a PNG chart of TTFT per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from kvtier.cli.tiny_model import make_tiny_llama, random_words
+from kvtier.cli.vllm_job import run_job_process
+
+
+def conversation_prompts(num_users: int, num_turns: int, system_words: int,
+                         turn_words: int, seed: int = 0) -> list[list[str]]:
+    """prompts[turn][user]: a shared system prompt, then each user's growing history."""
+    rng = random.Random(seed)
+    system = random_words(rng, system_words)
+    histories = [system] * num_users
+    prompts = []
+    for _ in range(num_turns):
+        row = []
+        for u in range(num_users):
+            histories[u] = f"{histories[u]} {random_words(rng, turn_words)}"
+            row.append(histories[u])
+            # The assistant's reply joins the history for the next turn.
+            histories[u] = f"{histories[u]} {random_words(rng, 32)}"
+        prompts.append(row)
+    return prompts
+
+
+def build_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run vLLM with and without kvtier on a multi-turn chat")
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-words", type=int, default=1024)
+    p.add_argument("--turn-words", type=int, default=1200)
+    p.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    p.add_argument("--chart", default="kvtier-demo.png")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvtier-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = str(workdir / "engines.log")
+    model = str(make_tiny_llama(workdir / "tiny-llama"))
+    prompts = conversation_prompts(args.users, args.turns, args.system_words, args.turn_words)
+    flat = [p for row in prompts for p in row]
+    longest = max(len(p.split()) for p in flat)
+    max_len = 1024 * (longest // 1024 + 2)
+    base_job = {"model": model, "block_size": 32, "max_model_len": max_len, "kv_cache_gb": 1,
+                "phases": [{"prompts": flat, "max_tokens": 8, "reset_device_cache": True}]}
+    kvtier_extra = {"host_cache_gb": 1, "disk_cache_gb": 2, "disk_dir": str(workdir / "disk"),
+                    "disk_admission": "always", "metrics_port": _free_port()}
+    connector = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm",
+                 "extra": kvtier_extra}
+    runs = [("vLLM alone (recompute)", dict(base_job)),
+            ("vLLM + kvtier (host tier)", {**base_job, "connector": connector}),
+            ("kvtier after restart (disk tier)",
+             {**base_job, "connector": {**connector, "extra": {**kvtier_extra,
+                                                                "metrics_port": _free_port()}},
+              # After a restart only the disk holds the histories: replay the last turn.
+              "phases": [{"prompts": prompts[-1], "max_tokens": 8,
+                          "reset_device_cache": True}]})]
+    results = []
+    print(f"kvtier demo: {args.users} conversations x {args.turns} turns, prompts up to "
+          f"{longest} tokens; engines log to {log}", flush=True)
+    with tqdm(total=len(runs), desc="engines", unit="engine", file=sys.stderr) as bar:
+        for name, job in runs:
+            bar.set_postfix_str(name)
+            results.append(run_job_process(job, log_path=log))
+            bar.update(1)
+
+    base, tiered, restarted = (r["phases"][0] for r in results)
+    n_last = len(prompts[-1])
+    identical = (base["outputs"] == tiered["outputs"]
+                 and base["outputs"][-n_last:] == restarted["outputs"])
+    table = _table(prompts, base["ttft_s"], tiered["ttft_s"], restarted["ttft_s"])
+    print()
+    print(table)
+    served = _served(results[1].get("metrics", {}), results[2].get("metrics", {}))
+    print()
+    print(served)
+    first_turn = len(prompts[0])
+    speedup_g2 = (statistics.median(base["ttft_s"][first_turn:])
+                  / statistics.median(tiered["ttft_s"][first_turn:]))
+    speedup_g3 = (statistics.median(base["ttft_s"][-n_last:])
+                  / statistics.median(restarted["ttft_s"]))
+    print()
+    print(f"median TTFT speed-up on turns 2+: {speedup_g2:.1f}x from host (G2), "
+          f"{speedup_g3:.1f}x from disk (G3) after a restart")
+    print(f"outputs identical: {'yes' if identical else 'NO'}")
+    chart = _chart(args.chart, prompts, base["ttft_s"], tiered["ttft_s"], restarted["ttft_s"])
+    if chart:
+        print(f"chart: {chart}")
+    if args.json:
+        print(json.dumps({"identical": identical, "speedup_g2": speedup_g2,
+                          "speedup_g3": speedup_g3, "results": results}))
+    return 0 if identical else 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _table(prompts, base, tiered, restarted) -> str:
+    users = len(prompts[0])
+    rows = [f"{'turn':>4} {'user':>4} {'prompt tokens':>13} {'TTFT vLLM':>10} "
+            f"{'TTFT kvtier':>11} {'after restart':>13}"]
+    last_turn = len(prompts) - 1
+    for t, row in enumerate(prompts):
+        for u, p in enumerate(row):
+            i = t * users + u
+            after = f"{restarted[u] * 1000:10.0f} ms" if t == last_turn else f"{'-':>13}"
+            rows.append(f"{t + 1:>4} {u + 1:>4} {len(p.split()):>13} {base[i] * 1000:7.0f} ms "
+                        f"{tiered[i] * 1000:8.0f} ms {after}")
+    return "\n".join(rows)
+
+
+def _served(tiered_metrics: dict, restart_metrics: dict) -> str:
+    def tokens(metrics, tier):
+        return int(metrics.get(f'kvtier_matched_tokens_total{{tier="{tier}"}}', 0))
+
+    return ("tokens served by kvtier: "
+            f"host (G2) {tokens(tiered_metrics, 'G2')}, disk (G3) {tokens(tiered_metrics, 'G3')}"
+            f"; after restart: disk (G3) {tokens(restart_metrics, 'G3')}")
+
+
+def _chart(path: str, prompts, base, tiered, restarted) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no chart; pip install 'kvtier[plot]')")
+        return None
+    users = len(prompts[0])
+    turns = range(1, len(prompts) + 1)
+
+    def per_turn(values):
+        return [statistics.median(values[t * users:(t + 1) * users]) * 1000
+                for t in range(len(prompts))]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(turns, per_turn(base), "o-", label="vLLM alone (recompute)")
+    ax.plot(turns, per_turn(tiered), "s-", label="vLLM + kvtier (host tier)")
+    ax.plot([len(prompts)], [statistics.median(restarted) * 1000], "D",
+            label="kvtier after restart (disk tier)")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("median TTFT (ms)")
+    ax.set_yscale("log")
+    ax.set_title("TTFT per conversation turn, tiny Llama on vLLM (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

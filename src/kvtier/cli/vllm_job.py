@@ -1,0 +1,126 @@
+"""Run one vLLM engine on a job and print its results as JSON (last stdout line).
+
+Each job runs in its own process, so an engine's start and end are real (a "restart" is a
+new job on the same disk_dir). Used by ``kvtier demo``, the end-to-end benchmark and tests.
+
+Job (JSON file or string)::
+
+    {"model": DIR, "block_size": 32, "max_model_len": 10240, "kv_cache_gb": 1,
+     "connector": null | {"name": "KvtierConnector", "module": "kvtier.connectors.vllm",
+                          "extra": {...kv_connector_extra_config...}},
+     "metrics_port": 0,                      # scrape kvtier's metrics here after the run
+     "phases": [{"prompts": [str, ...], "max_tokens": 8,
+                 "reset_device_cache": true, # reset vLLM's prefix cache before each prompt
+                 "batch": false}]}           # true: all prompts in one generate() call
+
+Result: {"phases": [{"outputs": [[ids]], "ttft_s": [s], "wall_s": s}], "init_s": s,
+         "metrics": {name: value}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+
+
+def run_job(job: dict) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job.get("kv_cache_gb", 1))
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    connector = job.get("connector")
+    kv_transfer = None
+    if connector:
+        kv_transfer = KVTransferConfig(kv_connector=connector["name"],
+                                       kv_connector_module_path=connector.get("module"),
+                                       kv_role="kv_both",
+                                       kv_connector_extra_config=connector.get("extra", {}))
+    started = time.perf_counter()
+    llm = LLM(model=job["model"], dtype="bfloat16", block_size=job.get("block_size", 32),
+              max_model_len=job.get("max_model_len", 10240),
+              max_num_batched_tokens=job.get("max_num_batched_tokens",
+                                             job.get("max_model_len", 10240)),
+              enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False,
+              seed=0, kv_transfer_config=kv_transfer)
+    result: dict = {"init_s": time.perf_counter() - started, "phases": []}
+    for phase in job["phases"]:
+        params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0,
+                                ignore_eos=True)
+        outputs, ttfts = [], []
+        phase_started = time.perf_counter()
+        prompts = phase["prompts"]
+        groups = [prompts] if phase.get("batch") else [[p] for p in prompts]
+        for group in groups:
+            if phase.get("reset_device_cache", True):
+                llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            done = llm.generate(group, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            for out in done:
+                outputs.append(list(out.outputs[0].token_ids))
+                latency = getattr(out.metrics, "first_token_latency", 0.0) if out.metrics else 0.0
+                ttfts.append(latency if latency > 0 else wall)
+        result["phases"].append({"outputs": outputs, "ttft_s": ttfts,
+                                 "wall_s": time.perf_counter() - phase_started})
+    port = (connector or {}).get("extra", {}).get("metrics_port")
+    if port:
+        result["metrics"] = scrape_metrics(port)
+    del llm
+    return result
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """kvtier's Prometheus samples as {name{labels}: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("kvtier_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def run_job_process(job: dict, *, timeout_s: float = 900, log_path: str | None = None) -> dict:
+    """Run ``job`` in a fresh Python process (its own engine); return its result."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+        spec = f.name
+    try:
+        log = open(log_path, "a") if log_path else subprocess.DEVNULL
+        try:
+            proc = subprocess.run([sys.executable, "-m", "kvtier.cli.vllm_job", spec],
+                                  stdout=subprocess.PIPE, stderr=log, text=True,
+                                  timeout=timeout_s)
+        finally:
+            if log_path:
+                log.close()
+    finally:
+        os.unlink(spec)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"')]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stdout.splitlines()[-20:])
+        raise RuntimeError(f"vLLM job failed (exit {proc.returncode}); see "
+                           f"{log_path or 'stderr'}; last output:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = argv[0]
+    job = json.loads(open(spec).read() if os.path.exists(spec) else spec)
+    result = run_job(job)
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

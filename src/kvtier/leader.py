@@ -1,0 +1,444 @@
+"""The leader: scheduler-side bookkeeping of which KV blocks live in which tier.
+
+Engine-neutral and free of torch and I/O. An engine adapter calls, per request and per step:
+
+  match()         how many tokens beyond the device prefix kvtier can load (no side effects)
+  begin_onboard() the engine reserved device blocks for them: plan the load, pin the sources
+  progress()      the step computes tokens: plan offloads of blocks that become full
+  take_plan()     this step's StepPlan, for the workers
+  on_report()     a WorkerReport came back: register stored blocks, release pins, learn rates
+  finish()        the request is done; True while a load still writes its device blocks
+
+Slots of the G2/G3 pools are the slots of the workers' host arena and disk file. A block is
+matchable only once a worker has reported its bytes in place; a block a transfer reads or
+writes holds a pool reference until the transfer's result arrives, so it is never evicted
+or reused under the transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+from kvtier.config import KvtierConfig
+from kvtier.events.types import EventBuffer
+from kvtier.hashing import BlockHasher, salt_hash
+from kvtier.metrics import KvtierMetrics
+from kvtier.offload.admission import make_admission_policy
+from kvtier.offload.onboard import OnboardPolicy
+from kvtier.pools.block_pool import BlockPool
+from kvtier.protocol import NO_SLOT, LoadOp, StepPlan, TierLayout, WorkerReport
+from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import Tier
+
+logger = logging.getLogger(__name__)
+
+# Engine steps a request may wait for the workers' disk index before matching without it.
+_MAX_RECOVERY_WAITS = 50
+_DIRECTION_TIER = {"g2_to_g1": Tier.G2, "g3_to_g2": Tier.G3, "g4_to_g2": Tier.G4}
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    req_id: str
+    salt: int
+    hashes: list[BlockKey] = dataclasses.field(default_factory=list)
+    # Leading blocks already considered for offload (stored, deduplicated or dropped).
+    num_offered: int = 0
+    # The last match() answer: first block index and the tier of each block to load.
+    match_start: int = 0
+    match_tiers: list[Tier] = dataclasses.field(default_factory=list)
+    counted: bool = False   # its lookup is in the hit-rate metrics
+
+
+@dataclasses.dataclass(slots=True)
+class _Load:
+    op: LoadOp
+    source_tiers: list[Tier | None]   # None: nothing to load (the block failed to pin)
+    g3_refs: list[int]                # G3 blocks pinned while they are read
+
+
+def plan_tier_layout(config: KvtierConfig, block_bytes: int,
+                     max_blocks_per_request: int) -> TierLayout:
+    """Tier sizes in blocks; leader and workers both derive them from the same inputs."""
+    num_g2 = config.num_blocks(config.host_cache_gb, config.host_cache_blocks, block_bytes)
+    num_g3 = config.num_blocks(config.disk_cache_gb, config.disk_cache_blocks, block_bytes)
+    if num_g3:
+        # G2 stages every disk transfer, so even a disk-only set-up (host cache 0) keeps a
+        # few requests' worth of host slots; they cache nothing.
+        num_g2 = max(num_g2, 2 * max_blocks_per_request + 64)
+    return TierLayout(num_g2, num_g3, block_bytes)
+
+
+class Leader:
+    def __init__(self, config: KvtierConfig, *, block_tokens: int, block_bytes: int,
+                 max_blocks_per_request: int, metrics: KvtierMetrics | None = None,
+                 events: bool = False) -> None:
+        self.config = config
+        self.block_tokens = block_tokens
+        self.block_bytes = block_bytes
+        self.hasher = BlockHasher(block_tokens, config.hash_mode)
+        self.metrics = metrics or KvtierMetrics()
+        self.events = EventBuffer() if events else None
+
+        self.layout = plan_tier_layout(config, block_bytes, max_blocks_per_request)
+        num_g2, num_g3 = self.layout.num_g2_slots, self.layout.num_g3_slots
+        self.host_caches = config.has_host
+        self.g2 = BlockPool(Tier.G2, num_g2, eviction=config.host_eviction_policy,
+                            events=self.events if self.host_caches else None,
+                            block_size=block_tokens) if num_g2 else None
+        self.g3 = BlockPool(Tier.G3, num_g3, eviction=config.disk_eviction_policy,
+                            events=self.events, block_size=block_tokens) if num_g3 else None
+        self.disk_admission = make_admission_policy(config.disk_admission)
+        self.onboard = OnboardPolicy(config.onboard_mode, block_bytes, block_tokens)
+
+        self._requests: dict[str, _Request] = {}
+        self._loads: dict[str, _Load] = {}
+        # G2 slot -> key, for stores whose bytes are not confirmed yet.
+        self._pending_stores: dict[int, BlockKey] = {}
+        self._storing_keys: set[BlockKey] = set()
+        # G3 slot -> (G2 slot it is written from, key).
+        self._pending_disk_writes: dict[int, tuple[int, BlockKey]] = {}
+        self._disk_writing_keys: set[BlockKey] = set()
+        self._plan = StepPlan(layout=self.layout)
+        self._step_started = 0.0
+        self._step_prefill_tokens = 0
+        # With a disk tier, the workers report what a previous run left there first.
+        self._recovered = self.g3 is None
+        self._match_waits = 0
+
+    # -- requests -----------------------------------------------------------------------
+    def match(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int, *,
+              cache_salt: str | None = None, lora_name: str | None = None) -> int | None:
+        """Tokens beyond ``num_computed_tokens`` that kvtier will load, or None to ask again
+        next step (the disk index of a previous run has not arrived yet). Side-effect free
+        for the tiers (it only caches the request's hashes and this answer)."""
+        if not self._recovered:
+            self._match_waits += 1
+            if self._match_waits <= _MAX_RECOVERY_WAITS:
+                return None
+            logger.warning("kvtier: no disk index from the workers; starting the disk tier empty")
+            self._recovered = True
+        req = self._request(req_id, cache_salt, lora_name)
+        self._hash_upto(req, token_ids, len(token_ids))
+        start = num_computed_tokens // self.block_tokens
+        # Never the whole prompt: the engine must compute at least one token.
+        limit = (len(token_ids) - 1) // self.block_tokens
+        tiers = self._tiers_of_prefix(req.hashes[start:limit]) if limit > start else []
+        decision = self.onboard.decide(tiers)
+        req.match_start, req.match_tiers = start, tiers[:decision.num_blocks]
+        if not req.counted:
+            req.counted = True
+            self.metrics.requested_tokens.inc(len(token_ids))
+            self.metrics.queried_blocks.inc(max(limit - start, 0))
+            self.metrics.skipped_onboards.inc(len(tiers) - decision.num_blocks)
+        return decision.num_blocks * self.block_tokens
+
+    def begin_onboard(self, req_id: str, device_block_ids: Sequence[int],
+                      num_external_tokens: int) -> None:
+        """The engine reserved ``device_block_ids`` (the request's whole block table) and
+        waits for ``num_external_tokens`` to arrive. Every promised block gets a load op: one
+        that cannot be pinned any more fails, so the engine recomputes it instead of waiting."""
+        num_blocks = num_external_tokens // self.block_tokens
+        if num_blocks == 0:
+            return
+        req = self._requests.get(req_id)
+        start = req.match_start if req is not None else 0
+        tiers = req.match_tiers if req is not None else []
+        if num_blocks > len(tiers):
+            logger.error("request %s: engine expects %d blocks but %d were matched; the rest "
+                         "is recomputed", req_id, num_blocks, len(tiers))
+        op = LoadOp(req_id, list(device_block_ids[start:start + num_blocks]), [], [], [])
+        load = _Load(op, [], [])
+        for i in range(num_blocks):
+            if i < len(tiers):
+                key = req.hashes[start + i]
+                tier = self._pin_for_load(key, tiers[i], op, load)
+            else:
+                key, tier = 0, None
+                op.g2_slots.append(NO_SLOT)
+                op.g3_slots.append(NO_SLOT)
+            load.source_tiers.append(tier)
+            op.keys.append(key)
+        self._plan.loads.append(op)
+        self._loads[req_id] = load
+
+    def progress(self, req_id: str, token_ids: Sequence[int], num_valid_tokens: int,
+                 device_block_ids: Sequence[int], priority: int = 100) -> None:
+        """After this step, the device holds valid KV for ``token_ids[:num_valid_tokens]`` in
+        ``device_block_ids``: offload blocks that became full (write-through to G2)."""
+        req = self._requests.get(req_id)
+        if req is None or self.g2 is None:
+            return
+        num_full = min(num_valid_tokens // self.block_tokens, len(device_block_ids))
+        if num_full <= req.num_offered:
+            return
+        self._hash_upto(req, token_ids, num_full * self.block_tokens)
+        if priority < self.config.offload_min_priority:
+            # Priority gate (KVBM): below the minimum, nothing of this request is offloaded.
+            req.num_offered = num_full
+            return
+        for i in range(req.num_offered, num_full):
+            self._offload(req.hashes[i], device_block_ids[i])
+        req.num_offered = num_full
+
+    def preempted(self, req_id: str) -> None:
+        """The engine dropped the request's device blocks; tiered copies stay valid."""
+        req = self._requests.get(req_id)
+        if req is not None:
+            req.match_tiers = []
+
+    def onboard_split(self, req_id: str) -> dict[Tier, int]:
+        """Tokens of the request's current load, by the tier they come from."""
+        load = self._loads.get(req_id)
+        split: dict[Tier, int] = {}
+        for tier in load.source_tiers if load is not None else ():
+            if tier is not None:
+                split[tier] = split.get(tier, 0) + self.block_tokens
+        return split
+
+    def finish(self, req_id: str) -> bool:
+        """The request ended. True: keep its device blocks until its load is reported done."""
+        self._requests.pop(req_id, None)
+        return req_id in self._loads
+
+    # -- steps --------------------------------------------------------------------------
+    def begin_step(self, num_prefill_tokens: int) -> None:
+        self._step_started = time.perf_counter()
+        self._step_prefill_tokens = num_prefill_tokens
+
+    def take_plan(self) -> StepPlan:
+        plan, self._plan = self._plan, StepPlan()
+        self.metrics.queue_depth.labels("store").set(len(self._pending_stores))
+        self.metrics.queue_depth.labels("disk_write").set(len(self._pending_disk_writes))
+        self.metrics.queue_depth.labels("load").set(len(self._loads))
+        return plan
+
+    def on_report(self, report: WorkerReport) -> None:
+        if self._step_started:
+            self.onboard.observe_step(self._step_prefill_tokens,
+                                      time.perf_counter() - self._step_started)
+            self._step_started = 0.0
+        if report.recovered is not None:
+            self._restore_disk_index(report.recovered)
+        for slot in report.stores_ok:
+            self._store_done(slot, ok=True)
+        for slot in report.stores_failed:
+            self._store_done(slot, ok=False)
+        for slot in report.disk_writes_ok:
+            self._disk_write_done(slot, ok=True)
+        for slot in report.disk_writes_failed:
+            self._disk_write_done(slot, ok=False)
+        for result in report.loads:
+            self._load_done(result.req_id, set(result.failed_idx), set(result.corrupt_idx))
+        for direction, timing in report.timings.items():
+            tier = _DIRECTION_TIER.get(direction)
+            if tier is not None:
+                self.onboard.observe_transfer(tier, timing.num_bytes, timing.seconds)
+            self.metrics.record_transfer(direction, timing.num_bytes // max(self.block_bytes, 1),
+                                         timing.num_bytes, timing.seconds)
+        for pool in (self.g2, self.g3):
+            if pool is not None:
+                self.metrics.tier_blocks.labels(pool.tier.name).set(pool.num_inactive
+                                                                    + pool.num_active)
+
+    def reset(self) -> None:
+        """Forget every cached block (blocks pinned by transfers go when those end)."""
+        for pool in (self.g2, self.g3):
+            if pool is not None:
+                pool.clear()
+
+    def take_events(self) -> list:
+        return self.events.take_events() if self.events is not None else []
+
+    @property
+    def busy(self) -> bool:
+        """Transfers are still in flight."""
+        return bool(self._pending_stores or self._pending_disk_writes or self._loads)
+
+    def check_invariants(self) -> None:
+        for pool in (self.g2, self.g3):
+            if pool is not None:
+                pool.check_invariants()
+
+    # -- internals ----------------------------------------------------------------------
+    def _request(self, req_id: str, cache_salt: str | None, lora_name: str | None) -> _Request:
+        req = self._requests.get(req_id)
+        if req is None:
+            req = _Request(req_id, salt_hash(cache_salt, lora_name))
+            self._requests[req_id] = req
+        return req
+
+    def _hash_upto(self, req: _Request, token_ids: Sequence[int], num_tokens: int) -> None:
+        have = len(req.hashes)
+        want = num_tokens // self.block_tokens
+        if want <= have:
+            return
+        parent = req.hashes[-1] if have else None
+        start = have * self.block_tokens
+        req.hashes.extend(self.hasher.hash_blocks(
+            token_ids[start:want * self.block_tokens], salt=req.salt, parent=parent))
+
+    def _tiers_of_prefix(self, keys: list[BlockKey]) -> list[Tier]:
+        """Fastest tier of each leading block, stopping at the first block no tier holds."""
+        tiers: list[Tier] = []
+        i = 0
+        while i < len(keys):
+            in_g2 = self.g2.lookup(keys[i:]) if self.host_caches else 0
+            if in_g2:
+                tiers.extend([Tier.G2] * in_g2)
+                i += in_g2
+                continue
+            in_g3 = self.g3.lookup(keys[i:i + 1]) if self.g3 is not None else 0
+            if not in_g3:
+                break
+            tiers.append(Tier.G3)
+            i += 1
+        return tiers
+
+    def _pin_for_load(self, key: BlockKey, tier: Tier, op: LoadOp, load: _Load) -> Tier | None:
+        """Pin block ``key``'s source and pick its G2 slot; NO_SLOT makes it a load error."""
+        g3_slot = NO_SLOT
+        if tier is Tier.G2:
+            slots = self.g2.match([key])
+            g2_slot = slots[0] if slots else NO_SLOT
+        else:
+            pinned = self.g3.match([key])
+            staging = self.g2.allocate(1) if pinned else []
+            if pinned and not staging:
+                self.g3.release(pinned)
+                self.metrics.dropped_offloads.labels("G2").inc()
+            if pinned and staging:
+                g3_slot, g2_slot = pinned[0], staging[0]
+                load.g3_refs.append(g3_slot)
+            else:
+                g2_slot = NO_SLOT
+        op.g2_slots.append(g2_slot)
+        op.g3_slots.append(g3_slot)
+        return tier if g2_slot != NO_SLOT else None
+
+    def _offload(self, key: BlockKey, device_block_id: int) -> None:
+        if key in self._storing_keys:
+            return
+        if self.host_caches and self.g2.lookup([key]):
+            # Already on the host: a re-offer counts toward disk admission.
+            self.g2.touch([key])
+            if self._wants_disk(key):
+                slots = self.g2.match([key])
+                if slots:
+                    self._write_to_disk(slots[0], key)
+            return
+        if not self.host_caches and not self._wants_disk(key):
+            return
+        slots = self.g2.allocate(1)
+        if not slots:
+            self.metrics.dropped_offloads.labels("G2").inc()
+            return
+        self._plan.stores.add(device_block_id, slots[0], key)
+        self._pending_stores[slots[0]] = key
+        self._storing_keys.add(key)
+
+    def _wants_disk(self, key: BlockKey) -> bool:
+        if self.g3 is None or key in self._disk_writing_keys or self.g3.lookup([key]):
+            return False
+        return self.disk_admission.admit(key)
+
+    def _write_to_disk(self, g2_slot: int, key: BlockKey) -> None:
+        """Plan G2 -> G3 of a pinned G2 block; the pin is released when the write ends."""
+        slots = self.g3.allocate(1)
+        if not slots:
+            self.metrics.dropped_offloads.labels("G3").inc()
+            self.g2.release([g2_slot])
+            return
+        self._plan.disk_writes.add(g2_slot, slots[0], key)
+        self._pending_disk_writes[slots[0]] = (g2_slot, key)
+        self._disk_writing_keys.add(key)
+
+    def _store_done(self, slot: int, ok: bool) -> None:
+        key = self._pending_stores.pop(slot, None)
+        if key is None:
+            return
+        self._storing_keys.discard(key)
+        if not ok:
+            self.g2.release([slot])
+            self.metrics.dropped_offloads.labels("G2").inc()
+            return
+        self.g2.complete([slot])
+        if self.host_caches:
+            slot = self.g2.register([slot], [key])[0]
+            wants_disk = self._wants_disk(key)
+        else:
+            wants_disk = True  # stored only because the disk admitted it
+        if wants_disk and self.g3 is not None:
+            self._write_to_disk(slot, key)
+        else:
+            self.g2.release([slot])
+
+    def _disk_write_done(self, g3_slot: int, ok: bool) -> None:
+        entry = self._pending_disk_writes.pop(g3_slot, None)
+        if entry is None:
+            return
+        g2_slot, key = entry
+        self._disk_writing_keys.discard(key)
+        self.g2.release([g2_slot])
+        if not ok:
+            self.g3.release([g3_slot])
+            self.metrics.dropped_offloads.labels("G3").inc()
+            return
+        self.g3.complete([g3_slot])
+        g3_slot = self.g3.register([g3_slot], [key])[0]
+        self.g3.release([g3_slot])
+
+    def _load_done(self, req_id: str, failed: set[int], corrupt: set[int]) -> None:
+        load = self._loads.pop(req_id, None)
+        if load is None:
+            return
+        op = load.op
+        if load.g3_refs:
+            self.g3.release(load.g3_refs)
+        bad_g3: list[BlockKey] = []
+        bad_g2: list[BlockKey] = []
+        for i, (tier, slot, key) in enumerate(zip(load.source_tiers, op.g2_slots, op.keys)):
+            if tier is None:
+                continue
+            if tier is Tier.G2:
+                self.g2.release([slot])
+                if i in corrupt:
+                    bad_g2.append(key)
+                continue
+            # Staged from disk: on success the host tier keeps it (promotion).
+            if i not in failed and self.host_caches:
+                self.g2.complete([slot])
+                slot = self.g2.register([slot], [key])[0]
+            self.g2.release([slot])
+            if i in corrupt:
+                bad_g3.append(key)
+        for tier in (Tier.G2, Tier.G3):
+            served = sum(1 for i, t in enumerate(load.source_tiers)
+                         if t is tier and i not in failed)
+            if served:
+                self.metrics.record_match(tier, served, self.block_tokens)
+        num_failed = len(failed) + sum(1 for t in load.source_tiers if t is None)
+        if num_failed:
+            self.metrics.load_errors.inc(num_failed)
+        if corrupt:
+            self.metrics.checksum_failures.inc(len(corrupt))
+            logger.warning("request %s: %d onboarded blocks failed verification; "
+                           "they are recomputed and dropped from the tier", req_id, len(corrupt))
+        if bad_g2:
+            self.g2.discard(bad_g2)
+        if bad_g3:
+            self.g3.discard(bad_g3)
+            # The worker drops their index entries, so a restart does not recover them.
+            self._plan.disk_discards.extend(
+                op.g3_slots[i] for i in sorted(corrupt) if load.source_tiers[i] is Tier.G3)
+
+    def _restore_disk_index(self, entries: list[tuple[int, BlockKey]]) -> None:
+        if self._recovered or self.g3 is None:
+            return
+        self._recovered = True
+        valid = [(slot, key) for slot, key in entries if 0 <= slot < self.g3.num_blocks]
+        self.g3.restore(valid)
+        logger.info("kvtier: disk tier recovered %d blocks from a previous run", len(valid))

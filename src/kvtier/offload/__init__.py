@@ -1,0 +1,1 @@
+"""Offload policies: what to admit to a tier, and when loading beats recomputing."""

@@ -1,0 +1,145 @@
+"""Admission policies: whether a block offered to a tier should be written there.
+
+``admit(key)`` is an offer: it answers and may update the policy's state (a frequency filter
+counts offers). Policies register by name with ``@register_admission_policy`` and are built
+with ``make_admission_policy(name, **options)``. No torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from kvtier.errors import ConfigError
+from kvtier.storage.block_format import BlockKey
+
+__all__ = [
+    "AdmissionPolicy",
+    "AlwaysAdmit",
+    "FrequencyFilter",
+    "NeverAdmit",
+    "admission_policy_names",
+    "make_admission_policy",
+    "register_admission_policy",
+]
+
+
+class AdmissionPolicy(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def admit(self, key: BlockKey) -> bool:
+        """Offer ``key``: True if it should be written to the tier."""
+
+
+_POLICIES: dict[str, type[AdmissionPolicy]] = {}
+
+
+def register_admission_policy(cls: type[AdmissionPolicy]) -> type[AdmissionPolicy]:
+    """Class decorator: make ``cls`` available to ``make_admission_policy`` as ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, AdmissionPolicy)):
+        raise TypeError(f"{cls!r} is not an AdmissionPolicy subclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    known = _POLICIES.get(name)
+    if known is not None and known is not cls:
+        raise ValueError(f"admission policy name {name!r} is taken by {known.__qualname__}")
+    _POLICIES[name] = cls
+    return cls
+
+
+def admission_policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
+    cls = _POLICIES.get(name)
+    if cls is None:
+        raise ConfigError(f"admission policy {name!r} is not known: use one of "
+                          f"{', '.join(admission_policy_names())}")
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"admission policy {name!r}: bad options {sorted(options)}: {exc}"
+                          ) from exc
+
+
+@register_admission_policy
+class AlwaysAdmit(AdmissionPolicy):
+    name = "always"
+
+    def admit(self, key: BlockKey) -> bool:
+        return True
+
+
+@register_admission_policy
+class NeverAdmit(AdmissionPolicy):
+    name = "never"
+
+    def admit(self, key: BlockKey) -> bool:
+        return False
+
+
+# Keeps doubling counters bounded (a key offered thousands of times stays admitted).
+_MAX_COUNT = 1 << 62
+
+
+@register_admission_policy
+class FrequencyFilter(AdmissionPolicy):
+    """KVBM's disk filter ("SSD lifespan protection"): admit a key from its second offer.
+
+    A key's counter starts at 1 on its first offer and doubles on each re-offer; the key is
+    admitted while its counter is at least ``min_count`` (default 2, so a block seen once never
+    reaches disk). Every ``decay_seconds`` of the clock every counter drops by 1 and zeros are
+    forgotten; when more than ``max_entries`` keys are tracked, decay rounds run at once until
+    they fit (and the decay period restarts). Decay is applied lazily, on the next offer.
+    """
+
+    name = "frequency"
+
+    def __init__(self, min_count: int = 2, decay_seconds: float = 600.0,
+                 max_entries: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if min_count < 1:
+            raise ConfigError(f"frequency filter: min_count={min_count} must be >= 1")
+        if decay_seconds <= 0:
+            raise ConfigError(f"frequency filter: decay_seconds={decay_seconds} must be > 0")
+        if max_entries < 1:
+            raise ConfigError(f"frequency filter: max_entries={max_entries} must be >= 1")
+        self.min_count = min_count
+        self.decay_seconds = decay_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._counts: dict[BlockKey, int] = {}
+        self._last_decay = clock()
+
+    def admit(self, key: BlockKey) -> bool:
+        now = self._clock()
+        rounds = int((now - self._last_decay) // self.decay_seconds)
+        if rounds > 0:
+            self._decay(rounds)
+            self._last_decay += rounds * self.decay_seconds
+        counts = self._counts
+        count = counts.get(key)
+        count = 1 if count is None else min(count * 2, _MAX_COUNT)
+        counts[key] = count
+        if len(counts) > self.max_entries:
+            # Forced decay (KVBM's oversize notification); the decision above stands.
+            while len(self._counts) > self.max_entries:
+                self._decay(1)
+            self._last_decay = now
+        return count >= self.min_count
+
+    def count_of(self, key: BlockKey) -> int:
+        """The key's current counter (0 when not tracked); no offer, no decay."""
+        return self._counts.get(key, 0)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def _decay(self, rounds: int) -> None:
+        self._counts = {key: count - rounds for key, count in self._counts.items()
+                        if count > rounds}

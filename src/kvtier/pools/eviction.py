@@ -1,0 +1,200 @@
+"""Eviction policies: which inactive (registered, unreferenced) block a full pool reuses next.
+
+The pool tells a policy when a block becomes evictable (``on_insert``), stops being evictable
+without being evicted (``on_remove``), is hit (``on_hit``) and when a key misses (``on_miss``),
+and asks it for a ``victim`` when it needs a block. A policy owns only this ordering; the pool
+owns states, references and the registry.
+
+Policies register by name with ``@register_policy``; ``make_eviction_policy`` builds one by
+name or by a ``"package.module.Class"`` path to a user class. Built-in policies are imported by
+``kvtier.pools`` so that their names are known.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import importlib
+from collections import OrderedDict
+from typing import ClassVar
+
+from kvtier.errors import ConfigError
+from kvtier.storage.block_format import BlockKey
+
+__all__ = [
+    "EvictionPolicy",
+    "FifoEviction",
+    "LruEviction",
+    "eviction_policy_names",
+    "make_eviction_policy",
+    "register_policy",
+]
+
+
+class EvictionPolicy(abc.ABC):
+    """The order in which a pool gives up its inactive blocks (see the module doc)."""
+
+    name: ClassVar[str]
+    # Optional hint: False when ``on_hit`` only matters while the block is evictable (LRU's
+    # recency bump), so the pool may skip it for blocks that are referenced.
+    hits_while_active: ClassVar[bool] = True
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+
+    @abc.abstractmethod
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        """Block ``block_id`` became evictable (inactive)."""
+
+    @abc.abstractmethod
+    def on_remove(self, block_id: int) -> None:
+        """Block ``block_id`` left the evictable set without eviction (matched again,
+        discarded, cleared)."""
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:  # noqa: B027 - optional hook
+        """A registered block was matched or touched (it may be active or inactive)."""
+
+    def on_miss(self, key: BlockKey) -> None:  # noqa: B027 - optional hook
+        """A match missed ``key`` (ghost-based policies learn from it)."""
+
+    @abc.abstractmethod
+    def victim(self) -> int | None:
+        """Choose, forget and return the block to evict next; None if nothing is evictable."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of evictable blocks the policy holds."""
+
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {}
+
+
+def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Class decorator: make ``cls`` available to ``make_eviction_policy`` as ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
+        raise TypeError(f"{cls!r} is not an EvictionPolicy subclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    known = _POLICIES.get(name)
+    if known is not None and known is not cls:
+        raise ValueError(f"eviction policy name {name!r} is taken by {known.__qualname__}")
+    _POLICIES[name] = cls
+    return cls
+
+
+def eviction_policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def make_eviction_policy(name_or_dotted_path: str, num_blocks: int) -> EvictionPolicy:
+    """A policy for a pool of ``num_blocks`` blocks, by registered name or ``"pkg.mod.Class"``."""
+    cls = _POLICIES.get(name_or_dotted_path)
+    if cls is None and "." in name_or_dotted_path:
+        cls = _import_policy(name_or_dotted_path)
+    if cls is None:
+        raise ConfigError(f"eviction policy {name_or_dotted_path!r} is not known: use one of "
+                          f"{', '.join(eviction_policy_names())} or a 'module.Class' path")
+    return cls(num_blocks)
+
+
+def _import_policy(path: str) -> type[EvictionPolicy]:
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"eviction policy {path!r} could not be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
+        raise ConfigError(f"eviction policy {path!r} is not an EvictionPolicy subclass")
+    return cls
+
+
+_NOT_HELD = -1
+MAX_PRIORITY = 100  # priorities are ints 0..MAX_PRIORITY (KVBM's retention priority range)
+
+
+@register_policy
+class LruEviction(EvictionPolicy):
+    """KVBM's order: lowest priority first, then least recently returned or touched.
+
+    One insertion-ordered bucket per priority (an ``OrderedDict`` used as an O(1) ordered set)
+    and a sorted list of the priorities whose bucket is not empty; every operation is O(1)
+    except the first insert into / last removal from a priority, O(log #priorities).
+    """
+
+    name = "lru"
+    hits_while_active = False
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._priority_of = [_NOT_HELD] * num_blocks
+        # One bucket per priority 0..MAX_PRIORITY, made up front (no lookups, no Nones).
+        self._buckets: list[OrderedDict[int, None]] = [OrderedDict()
+                                                       for _ in range(MAX_PRIORITY + 1)]
+        self._live_priorities: list[int] = []  # sorted, non-empty buckets only
+        self._size = 0
+
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        bucket = self._buckets[priority]
+        if not bucket:
+            bisect.insort(self._live_priorities, priority)
+        bucket[block_id] = None
+        self._priority_of[block_id] = priority
+        self._size += 1
+
+    def on_remove(self, block_id: int) -> None:
+        priority = self._priority_of[block_id]
+        if priority == _NOT_HELD:
+            return
+        bucket = self._buckets[priority]
+        del bucket[block_id]
+        if not bucket:
+            self._live_priorities.remove(priority)
+        self._priority_of[block_id] = _NOT_HELD
+        self._size -= 1
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        priority = self._priority_of[block_id]
+        if priority != _NOT_HELD:
+            self._buckets[priority].move_to_end(block_id)
+
+    def victim(self) -> int | None:
+        if not self._live_priorities:
+            return None
+        priority = self._live_priorities[0]
+        bucket = self._buckets[priority]
+        block_id, _ = bucket.popitem(last=False)
+        if not bucket:
+            del self._live_priorities[0]
+        self._priority_of[block_id] = _NOT_HELD
+        self._size -= 1
+        return block_id
+
+    def __len__(self) -> int:
+        return self._size
+
+
+@register_policy
+class FifoEviction(EvictionPolicy):
+    """Evicts in the order blocks became evictable; priorities and hits are ignored."""
+
+    name = "fifo"
+    hits_while_active = False
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        self._order[block_id] = None
+
+    def on_remove(self, block_id: int) -> None:
+        self._order.pop(block_id, None)
+
+    def victim(self) -> int | None:
+        if not self._order:
+            return None
+        return self._order.popitem(last=False)[0]
+
+    def __len__(self) -> int:
+        return len(self._order)

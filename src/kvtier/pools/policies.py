@@ -1,0 +1,457 @@
+"""Eviction policies beyond LRU: ``lru_freq``, ``s3fifo``, ``arc`` and ``tinylfu``.
+
+All of them plug into :class:`~kvtier.pools.block_pool.BlockPool` through the
+:class:`~kvtier.pools.eviction.EvictionPolicy` hooks and register by name, so a tier's config
+selects them (``host_eviction_policy = "arc"``). Importing this module registers them.
+
+How the pool's hooks map onto the textbook algorithms
+-----------------------------------------------------
+A prefix-cache pool hands a block to the policy when its last reference drops (``on_insert``)
+and takes it back when a request matches it (``on_remove`` then ``on_hit``). A hit therefore
+arrives as remove + re-insert of a block whose key the policy already knows; each policy keeps
+the key of every block it holds and treats such a re-insert as the hit (ARC: move to T2;
+S3-FIFO: count it; W-TinyLFU: promote). ``touch`` reports a hit on a block that stays
+evictable (``on_hit`` on a block still in the lists). Ghost histories hold keys only.
+
+A block released tail-first (as vLLM and the replay do) enters every list deepest-first, so
+within one request the policies give up a chain's tail before its head: prefix blocks are
+never kept while their parent is dropped, unless the policy judges the parent colder.
+
+Priorities: every policy here orders priority-0 blocks (the pool's default) with its own
+algorithm; blocks registered with a priority above 0 are kept out of it and evicted after all
+priority-0 blocks, lowest priority first, least recently used first (KVBM's order, via
+:class:`~kvtier.pools.eviction.LruEviction`).
+
+Hot paths use per-block lists allocated once and intrusive doubly linked lists over block ids
+(:class:`_Lists`); ghost histories are bounded ``OrderedDict`` of keys.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from kvtier.offload.admission import FrequencyFilter
+from kvtier.offload.tinylfu import FrequencySketch
+from kvtier.pools.eviction import EvictionPolicy, LruEviction, register_policy
+from kvtier.storage.block_format import BlockKey
+
+__all__ = [
+    "ArcEviction",
+    "LruFreqEviction",
+    "S3FifoEviction",
+    "TinyLfuEviction",
+]
+
+_NONE = -1
+_MASK64 = (1 << 64) - 1  # low half of ARC's packed ghost entries
+
+
+class _Lists:
+    """Several doubly linked lists over block ids ``0..n-1`` sharing prev/next arrays.
+
+    List ``j``'s sentinel is index ``n + j``. The front is the most recently inserted end, the
+    back the next to go. ``owner[b]`` is the list holding ``b`` (or -1).
+    """
+
+    __slots__ = ("prev", "next", "owner", "sizes", "_base")
+
+    def __init__(self, num_blocks: int, num_lists: int) -> None:
+        size = num_blocks + num_lists
+        self.prev = list(range(size))
+        self.next = list(range(size))
+        self.owner = [_NONE] * num_blocks
+        self.sizes = [0] * num_lists
+        self._base = num_blocks
+
+    def push_front(self, lst: int, block: int) -> None:
+        head = self._base + lst
+        after = self.next[head]
+        self.prev[block] = head
+        self.next[block] = after
+        self.prev[after] = block
+        self.next[head] = block
+        self.owner[block] = lst
+        self.sizes[lst] += 1
+
+    def push_back(self, lst: int, block: int) -> None:
+        head = self._base + lst
+        before = self.prev[head]
+        self.next[block] = head
+        self.prev[block] = before
+        self.next[before] = block
+        self.prev[head] = block
+        self.owner[block] = lst
+        self.sizes[lst] += 1
+
+    def unlink(self, block: int) -> int:
+        """Take ``block`` out of its list; return that list, or -1 if it was in none."""
+        lst = self.owner[block]
+        if lst == _NONE:
+            return _NONE
+        before, after = self.prev[block], self.next[block]
+        self.next[before] = after
+        self.prev[after] = before
+        self.owner[block] = _NONE
+        self.sizes[lst] -= 1
+        return lst
+
+    def move_to_front(self, lst: int, block: int) -> None:
+        self.unlink(block)
+        self.push_front(lst, block)
+
+    def back(self, lst: int) -> int:
+        block = self.prev[self._base + lst]
+        return _NONE if block >= self._base else block
+
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+class _ListPolicy(EvictionPolicy):
+    """Shared plumbing: per-block key memory, intrusive lists, and the priority side store.
+
+    Subclasses implement ``_insert(block_id, key, is_hit)`` (``_was_in[block_id]`` tells where
+    a hit block was), ``_touch(block_id, key)`` (a hit on a block that stays evictable) and
+    ``_victim()``; subclasses that count hits override ``on_hit`` and call ``super()``.
+    """
+
+    def __init__(self, num_blocks: int, num_lists: int) -> None:
+        super().__init__(num_blocks)
+        self._lists = _Lists(num_blocks, num_lists)
+        # Key of each block the policy knows (held, or taken back by a match), else None.
+        self._keys: list[BlockKey | None] = [None] * num_blocks
+        # The list a block was in when a match took it out, so its hit can be placed.
+        self._was_in = [_NONE] * num_blocks
+        self._prioritized = LruEviction(num_blocks)
+
+    # -- EvictionPolicy hooks -----------------------------------------------------------------
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        if priority:
+            self._keys[block_id] = None
+            self._prioritized.on_insert(block_id, key, priority)
+            return
+        known = self._keys[block_id]
+        # A block the pool took back (match) and returns under the same key: that was a hit.
+        is_hit = known is not None and known == key
+        self._keys[block_id] = key
+        self._insert(block_id, key, is_hit)
+
+    def on_remove(self, block_id: int) -> None:
+        # Keep the key: a match hands the block back soon; a discard leaves a stale key that
+        # the next on_insert of this block overwrites.
+        lst = self._lists.unlink(block_id)
+        if lst == _NONE:
+            self._prioritized.on_remove(block_id)
+        else:
+            self._was_in[block_id] = lst
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        if self._lists.owner[block_id] != _NONE:
+            self._touch(block_id, key)
+
+    def victim(self) -> int | None:
+        if self._lists.total():
+            block_id = self._victim()
+            self._keys[block_id] = None
+            return block_id
+        return self._prioritized.victim()
+
+    def __len__(self) -> int:
+        return self._lists.total() + len(self._prioritized)
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def _insert(self, block_id: int, key: BlockKey, is_hit: bool) -> None:
+        raise NotImplementedError
+
+    def _touch(self, block_id: int, key: BlockKey) -> None:
+        raise NotImplementedError
+
+    def _victim(self) -> int:
+        """Unlink and return a block; called only when the lists hold one."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+@register_policy
+class LruFreqEviction(_ListPolicy):
+    """LRU with KVBM's frequency filter as admission ("SSD lifespan protection").
+
+    Every new block is an offer to :class:`~kvtier.offload.admission.FrequencyFilter` (counter
+    starts at 1, doubles per re-offer, admitted from 2). An admitted block enters at the
+    most-recent end; a rejected one at the least-recent end, so it is the next to go and
+    occupies space only until the pool needs a block. Hits move blocks to the most-recent end.
+    The filter decays by a clock (KVBM: one step per 600 s); :meth:`set_clock` lets a replay
+    use trace time.
+    """
+
+    name = "lru_freq"
+
+    def __init__(self, num_blocks: int, *, admission: FrequencyFilter | None = None) -> None:
+        super().__init__(num_blocks, 1)
+        self._admission = admission if admission is not None else FrequencyFilter()
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Use ``clock`` (seconds) for the filter's decay; call before the first insert."""
+        filt = self._admission
+        self._admission = FrequencyFilter(min_count=filt.min_count,
+                                          decay_seconds=filt.decay_seconds,
+                                          max_entries=filt.max_entries, clock=clock)
+
+    def _insert(self, block_id: int, key: BlockKey, is_hit: bool) -> None:
+        if is_hit or self._admission.admit(key):
+            self._lists.push_front(0, block_id)
+        else:
+            self._lists.push_back(0, block_id)
+
+    def _touch(self, block_id: int, key: BlockKey) -> None:
+        self._lists.move_to_front(0, block_id)
+
+    def _victim(self) -> int:
+        block_id = self._lists.back(0)
+        self._lists.unlink(block_id)
+        return block_id
+
+
+# ---------------------------------------------------------------------------------------------
+_SMALL, _MAIN = 0, 1
+
+
+@register_policy
+class S3FifoEviction(_ListPolicy):
+    """S3-FIFO (Yang et al., SOSP 2023): a small probationary FIFO, a main FIFO and a ghost.
+
+    New blocks enter the small queue (10 % of the pool) unless their key is in the ghost, then
+    they enter main. Hits only count (up to 3). The small queue's oldest block moves to main if
+    it was hit, else it is evicted and its key remembered in the ghost (as many keys as main
+    holds). Main's oldest block is re-inserted with one count less while it has counts, else
+    evicted. One-hit wonders (a long prompt sent once) leave quickly without flushing main.
+    """
+
+    name = "s3fifo"
+    SMALL_FRACTION = 0.1
+    MAX_FREQ = 3
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks, 2)
+        self._freq = [0] * num_blocks
+        self._small_target = max(1, int(num_blocks * self.SMALL_FRACTION))
+        self._ghost: OrderedDict[BlockKey, None] = OrderedDict()
+        self._ghost_max = max(1, num_blocks - self._small_target)
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        if self._freq[block_id] < self.MAX_FREQ:
+            self._freq[block_id] += 1
+
+    def _insert(self, block_id: int, key: BlockKey, is_hit: bool) -> None:
+        if is_hit:
+            # on_hit counted it; the match took it out of its queue, so it re-enters one. A
+            # block hit while in probation has earned main (where it would move at the tail).
+            self._lists.push_front(_MAIN, block_id)
+            return
+        self._freq[block_id] = 0
+        ghost = self._ghost
+        if key in ghost:
+            del ghost[key]
+            self._lists.push_front(_MAIN, block_id)
+        else:
+            self._lists.push_front(_SMALL, block_id)
+
+    def _touch(self, block_id: int, key: BlockKey) -> None:
+        pass  # lazy promotion: on_hit counted it, the position stays
+
+    def _victim(self) -> int:
+        lists, freq = self._lists, self._freq
+        while True:
+            small = lists.sizes[_SMALL]
+            if small and (small > self._small_target or not lists.sizes[_MAIN]):
+                block_id = lists.back(_SMALL)
+                lists.unlink(block_id)
+                if freq[block_id]:
+                    freq[block_id] = 0
+                    lists.push_front(_MAIN, block_id)
+                    continue
+                ghost = self._ghost
+                ghost[self._keys[block_id]] = None
+                if len(ghost) > self._ghost_max:
+                    ghost.popitem(last=False)
+                return block_id
+            block_id = lists.back(_MAIN)
+            lists.unlink(block_id)
+            if freq[block_id]:
+                freq[block_id] -= 1
+                lists.push_front(_MAIN, block_id)
+                continue
+            return block_id
+
+
+# ---------------------------------------------------------------------------------------------
+_T1, _T2 = 0, 1
+
+
+@register_policy
+class ArcEviction(_ListPolicy):
+    """ARC (Megiddo and Modha, FAST 2003) with a long first-use history for prefix caches.
+
+    T1 holds blocks used once, T2 blocks used again; ghosts B1/B2 remember keys evicted from
+    each, and the target size ``p`` of T1 adapts: a ghost hit in B1 says T1 was too small, one
+    in B2 that T2 was. As in ZFS's ARC, ``p`` starts at half the pool.
+
+    Extension: B1 keeps a longer history (``HISTORY_FACTOR`` x the pool, at most
+    ``MAX_HISTORY`` keys), because a KV block weighs megabytes and its key a few bytes, and
+    conversation turns come back after far more traffic than a small tier holds. Only ghost
+    hits within ARC's own B1 bound adapt ``p`` (they are the ones a bigger T1 would have hit).
+    An older ghost hit proves reuse but not that it will come back in time: the block enters
+    T2 only if its reuse interval is no longer than T2 currently keeps blocks (the age of the
+    last block T2 gave up, in accesses), otherwise T1, as LIRS admits to its protected set.
+    """
+
+    name = "arc"
+    HISTORY_FACTOR = 8
+    MAX_HISTORY = 1_000_000
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks, 2)
+        self._p = num_blocks / 2
+        # B1: key -> (T1 eviction number << 64) | clock of the block's last access.
+        self._b1: OrderedDict[BlockKey, int] = OrderedDict()
+        self._b2: OrderedDict[BlockKey, None] = OrderedDict()
+        self._b1_max = max(num_blocks, min(self.HISTORY_FACTOR * num_blocks, self.MAX_HISTORY))
+        self._t1_evictions = 0
+        self._clock = 0  # counts accesses (inserts and hits)
+        self._last_access = [0] * num_blocks
+        self._t2_horizon = -1  # accesses T2 keeps an unused block; -1 until T2 evicts
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        self._clock += 1
+        self._last_access[block_id] = self._clock
+        super().on_hit(block_id, key)
+
+    def _touch(self, block_id: int, key: BlockKey) -> None:
+        self._lists.move_to_front(_T2, block_id)
+
+    def _insert(self, block_id: int, key: BlockKey, is_hit: bool) -> None:
+        lists = self._lists
+        if is_hit:
+            lists.push_front(_T2, block_id)
+            return
+        self._clock += 1
+        self._last_access[block_id] = self._clock
+        capacity = self.num_blocks
+        b1, b2 = self._b1, self._b2
+        entry = b1.pop(key, None)
+        if entry is not None:
+            arc_b1_bound = max(1, capacity - lists.sizes[_T1])
+            if self._t1_evictions - (entry >> 64) < arc_b1_bound:
+                self._p = min(capacity, self._p + max(1.0, len(b2) / min(len(b1) + 1,
+                                                                          arc_b1_bound)))
+                lists.push_front(_T2, block_id)
+            elif self._t2_horizon < 0 or self._clock - (entry & _MASK64) <= self._t2_horizon:
+                lists.push_front(_T2, block_id)
+            else:
+                lists.push_front(_T1, block_id)
+        elif key in b2:
+            del b2[key]
+            arc_b1_size = max(1, min(len(b1), capacity - lists.sizes[_T1]))
+            self._p = max(0.0, self._p - max(1.0, arc_b1_size / max(1, len(b2))))
+            lists.push_front(_T2, block_id)
+        else:
+            lists.push_front(_T1, block_id)
+
+    def _victim(self) -> int:
+        lists = self._lists
+        t1 = lists.sizes[_T1]
+        if t1 and (t1 > self._p or not lists.sizes[_T2]):
+            block_id = lists.back(_T1)
+            b1 = self._b1
+            b1[self._keys[block_id]] = (self._t1_evictions << 64) | self._last_access[block_id]
+            self._t1_evictions += 1
+            if len(b1) > self._b1_max:
+                b1.popitem(last=False)
+        else:
+            block_id = lists.back(_T2)
+            self._t2_horizon = self._clock - self._last_access[block_id]
+            b2 = self._b2
+            b2[self._keys[block_id]] = None
+            if len(b2) > self.num_blocks:
+                b2.popitem(last=False)
+        lists.unlink(block_id)
+        return block_id
+
+
+# ---------------------------------------------------------------------------------------------
+_WINDOW, _PROBATION, _PROTECTED, _PENDING = 0, 1, 2, 3
+
+
+@register_policy
+class TinyLfuEviction(_ListPolicy):
+    """W-TinyLFU (Einziger et al., ACM ToS 2017), as Caffeine implements it.
+
+    New blocks enter a small LRU window (1 % of the pool). Blocks leaving the window are
+    candidates for main, a segmented LRU (probation 20 %, protected 80 %; a hit in probation
+    promotes). A candidate gets in only by beating main's next victim on estimated frequency (a
+    count-min sketch over recent accesses, aged by halving); the loser is evicted. Frequent
+    blocks thus survive bursts of one-time prompts that would flush an LRU.
+    """
+
+    name = "tinylfu"
+    WINDOW_FRACTION = 0.01
+    PROTECTED_FRACTION = 0.8
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks, 4)
+        # TinyLFU's sizing: the sketch remembers about 10 accesses per cached block.
+        self._sketch = FrequencySketch(4 * num_blocks, max(16, 10 * num_blocks))
+        self._window_target = max(1, int(num_blocks * self.WINDOW_FRACTION))
+        self._protected_target = max(1, int((num_blocks - self._window_target)
+                                            * self.PROTECTED_FRACTION))
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        self._sketch.increment(key)
+        super().on_hit(block_id, key)
+
+    def _touch(self, block_id: int, key: BlockKey) -> None:
+        self._promote(block_id, self._lists.owner[block_id])
+
+    def _insert(self, block_id: int, key: BlockKey, is_hit: bool) -> None:
+        if is_hit:
+            # The match took it out of its segment; it returns where a hit there leads.
+            self._promote(block_id, self._was_in[block_id])
+            return
+        self._sketch.increment(key)
+        self._lists.push_front(_WINDOW, block_id)
+
+    def _promote(self, block_id: int, segment: int) -> None:
+        lists = self._lists
+        if segment == _WINDOW:  # window hits stay in the window (its LRU order)
+            lists.move_to_front(_WINDOW, block_id)
+            return
+        lists.move_to_front(_PROTECTED, block_id)
+        if lists.sizes[_PROTECTED] > self._protected_target:
+            lists.move_to_front(_PROBATION, lists.back(_PROTECTED))
+
+    def _victim(self) -> int:
+        lists = self._lists
+        # The window's overflow joins probation's recent end as candidates (oldest judged
+        # first); probation's least recent block is main's victim. As in Caffeine's
+        # evictFromMain: the less frequent of candidate and victim goes, a tie evicts the
+        # candidate, and if only one of them exists (or they are the same block) it goes.
+        while lists.sizes[_WINDOW] > self._window_target:
+            lists.move_to_front(_PENDING, lists.back(_WINDOW))
+        candidate = lists.back(_PENDING)
+        victim = lists.back(_PROBATION)
+        if victim == _NONE:
+            victim = candidate
+        if candidate == _NONE or victim == candidate:
+            if victim == _NONE:
+                segment = _PROTECTED if lists.sizes[_PROTECTED] else _WINDOW
+                victim = lists.back(segment)
+            lists.unlink(victim)
+            return victim
+        keys = self._keys
+        if self._sketch.estimate(keys[candidate]) > self._sketch.estimate(keys[victim]):
+            lists.move_to_front(_PROBATION, candidate)  # admitted: a plain probation block
+            lists.unlink(victim)
+            return victim
+        lists.unlink(candidate)
+        return candidate

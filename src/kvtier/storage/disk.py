@@ -1,0 +1,611 @@
+"""G3: the local disk tier. Preallocated slots, O_DIRECT vectored I/O, a durable index.
+
+Files in ``directory`` (created 0700; files 0600):
+
+- ``kvtier-g3.data``: ``num_slots`` slots of ``slot_bytes`` (a multiple of 4096), preallocated
+  with ``posix_fallocate``. A slot holds a block exactly as a host-arena slot does (64-byte
+  header with key, geometry fingerprint and checksum, then the payload), so a block moves between
+  G2 and G3 in one aligned I/O, and runs of consecutive slots in one ``pwritev``/``preadv``.
+- ``kvtier-g3.journal``: the durable index. A 64-byte superblock (slot size, slot count), then
+  64-byte records ``ADD(slot, fingerprint, key)`` / ``DEL(slot)``, each with its own checksum.
+- ``kvtier-g3.lock``: ``flock``-ed by the one process that owns the tier.
+
+Warm-restart rule: a block's ADD record is appended only after its bytes are durable
+(``fdatasync`` of the data file), and a slot about to be overwritten gets a durable DEL first.
+So after any crash (SIGKILL included) the journal names only blocks whose bytes and checksum are
+on disk; a torn write can lose a block, never expose it. A torn journal tail fails its record
+checksum and is dropped. On open the journal is compacted (rewritten with the live entries of
+this fingerprint) and atomically renamed into place. Every read is verified anyway: a bad
+checksum, short read or I/O error is a failed block, never data.
+
+Expected failures (ENOSPC, EIO, EFBIG...) are per-block ``False`` results and counters; only
+broken contracts (slot out of range, wrong arena) and set-up failures raise ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import xxhash
+from typing_extensions import Self
+
+from kvtier.errors import StorageError
+from kvtier.storage.block_format import HEADER_BYTES, BlockKey, key_bytes
+from kvtier.storage.host import PAGE_BYTES, HostArena
+
+logger = logging.getLogger(__name__)
+
+DATA_NAME = "kvtier-g3.data"
+JOURNAL_NAME = "kvtier-g3.journal"
+LOCK_NAME = "kvtier-g3.lock"
+
+JOURNAL_VERSION = 1
+_SUPER = struct.Struct("<4sHHQQ32sQ")  # magic, version, flags, slot_bytes, num_slots, pad, crc
+_RECORD = struct.Struct("<4sBBBxQQ32sQ")  # magic, op, key kind, key len, slot, fp, key, crc
+_SUPER_MAGIC = b"KVTJ"
+_RECORD_MAGIC = b"KVTR"
+_OP_ADD, _OP_DEL = 1, 2
+_KEY_INT, _KEY_BYTES = 0, 1
+RECORD_BYTES = _RECORD.size  # 64, as is the superblock
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+@dataclass
+class DiskStats:
+    """Counters of one DiskStorage (read by metrics; updated under the storage's lock)."""
+
+    bytes_written: int = 0
+    blocks_written: int = 0
+    dropped_writes: int = 0  # blocks whose write failed (ENOSPC, EIO...)
+    write_errors: Counter = field(default_factory=Counter)  # errno name -> blocks
+    bytes_read: int = 0
+    blocks_read: int = 0
+    failed_reads: Counter = field(default_factory=Counter)  # reason -> blocks
+    write_ios: int = 0  # vectored system calls issued
+    read_ios: int = 0
+    invalidated: int = 0
+    journal_compactions: int = 0
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
+        out["write_errors"] = dict(self.write_errors)
+        out["failed_reads"] = dict(self.failed_reads)
+        return out
+
+
+# -- journal encoding -------------------------------------------------------------------------
+
+
+def _crc(prefix: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(prefix)
+
+
+def _pack_super(slot_bytes: int, num_slots: int) -> bytes:
+    head = _SUPER.pack(_SUPER_MAGIC, JOURNAL_VERSION, 0, slot_bytes, num_slots, bytes(32), 0)
+    return head[:56] + struct.pack("<Q", _crc(head[:56]))
+
+
+def _pack_record(op: int, slot: int, fingerprint: int, key: BlockKey | None) -> bytes:
+    if key is None:
+        kind, length, raw = _KEY_INT, 0, bytes(32)
+    elif isinstance(key, int):
+        kind, length, raw = _KEY_INT, 8, key_bytes(key)
+    else:
+        kind, length, raw = _KEY_BYTES, len(key), key_bytes(key)
+    head = _RECORD.pack(_RECORD_MAGIC, op, kind, length, slot, fingerprint, raw, 0)
+    return head[:56] + struct.pack("<Q", _crc(head[:56]))
+
+
+def _unpack_key(kind: int, length: int, raw: bytes) -> BlockKey:
+    if kind == _KEY_INT:
+        return int.from_bytes(raw[:8], "little")
+    return bytes(raw[:length])
+
+
+@dataclass
+class _JournalState:
+    slot_bytes: int
+    num_slots: int
+    entries: dict[int, tuple[int, BlockKey]]  # slot -> (fingerprint, key)
+    valid_bytes: int  # length of the intact prefix
+    torn: bool  # a record failed its checksum (a crash mid-append)
+
+
+def _parse_journal(data: bytes) -> _JournalState | None:
+    """Replay a journal image; None if it has no intact superblock."""
+    if len(data) < RECORD_BYTES:
+        return None
+    magic, version, _flags, slot_bytes, num_slots, _pad, crc = _SUPER.unpack_from(data, 0)
+    if magic != _SUPER_MAGIC or version != JOURNAL_VERSION or crc != _crc(data[:56]):
+        return None
+    entries: dict[int, tuple[int, BlockKey]] = {}
+    offset, torn = RECORD_BYTES, False
+    while offset + RECORD_BYTES <= len(data):
+        magic, op, kind, length, slot, fp, raw, crc = _RECORD.unpack_from(data, offset)
+        if (magic != _RECORD_MAGIC or crc != _crc(data[offset:offset + 56])
+                or op not in (_OP_ADD, _OP_DEL) or length > 32):
+            torn = True
+            break
+        if op == _OP_ADD:
+            entries[slot] = (fp, _unpack_key(kind, length, raw))
+        else:
+            entries.pop(slot, None)
+        offset += RECORD_BYTES
+    torn = torn or offset != len(data)
+    return _JournalState(slot_bytes, num_slots, entries, offset, torn)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _failure_reason(message: str) -> str:
+    """A short counter label for a BlockFormatError message."""
+    for word, reason in (("checksum", "checksum"), ("key", "key"), ("geometry", "geometry"),
+                         ("length", "length"), ("magic", "magic"), ("version", "version"),
+                         ("short header", "short_read")):
+        if word in message:
+            return reason
+    return "format"
+
+
+# -- the tier ---------------------------------------------------------------------------------
+
+
+class DiskStorage:
+    """The G3 tier of one worker: ``num_slots`` block slots in one preallocated file."""
+
+    def __init__(self, directory: str, num_slots: int, slot_bytes: int, fingerprint: int, *,
+                 o_direct: bool = True, io_threads: int = 4, max_io_bytes: int = 8 << 20):
+        if not isinstance(num_slots, int) or num_slots <= 0:
+            raise StorageError(f"disk tier {directory!r}: num_slots must be a positive int, "
+                               f"got {num_slots!r}")
+        if slot_bytes <= HEADER_BYTES or slot_bytes % PAGE_BYTES:
+            raise StorageError(f"disk tier {directory!r}: slot_bytes {slot_bytes} must be a "
+                               f"multiple of {PAGE_BYTES} larger than the header")
+        if io_threads <= 0:
+            raise StorageError(f"disk tier {directory!r}: io_threads must be positive")
+        self.directory = os.path.abspath(directory)
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.fingerprint = fingerprint & 0xFFFF_FFFF_FFFF_FFFF
+        self.stats = DiskStats()
+        self.data_path = os.path.join(self.directory, DATA_NAME)
+        self.journal_path = os.path.join(self.directory, JOURNAL_NAME)
+        self._max_run = max(1, min(_IOV_MAX, max_io_bytes // slot_bytes))
+        self._lock = threading.Lock()  # index, journal appends, stats
+        self._keys: list[BlockKey | None] = []  # slot -> key of the durable block there
+        self._lock_fd = self._data_fd = self._journal_fd = -1
+        self._journal_records = 0
+        self._pool: ThreadPoolExecutor | None = None
+        try:
+            self._open(o_direct)
+        except BaseException:
+            self._close_fds()
+            raise
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _open(self, o_direct: bool) -> None:
+        directory = self.directory
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"disk tier: cannot create directory {directory!r}: "
+                               f"{exc.strerror or exc}") from exc
+        if not os.path.isdir(directory):
+            raise StorageError(f"disk tier: {directory!r} is not a directory")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StorageError(f"disk tier: directory {directory!r} is not writable")
+        self._lock_fd = self._open_file(os.path.join(directory, LOCK_NAME), os.O_RDWR)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StorageError(f"disk tier {directory!r} is in use by another process "
+                               f"(lock {LOCK_NAME})") from exc
+        self._open_data(o_direct)
+        self._preallocate()
+        self._keys = [None] * self.num_slots
+        self._load_journal()
+
+    def _open_file(self, path: str, flags: int) -> int:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"disk tier: cannot open {path!r}: {exc.strerror or exc}"
+                               ) from exc
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def _open_data(self, o_direct: bool) -> None:
+        self.o_direct = False
+        if o_direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._data_fd = os.open(self.data_path,
+                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT,
+                                        0o600)
+                os.fchmod(self._data_fd, 0o600)
+                self.o_direct = True
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise StorageError(f"disk tier: cannot open {self.data_path!r}: "
+                                       f"{exc.strerror or exc}") from exc
+                logger.warning("disk tier %s: the file system refuses O_DIRECT (%s); using "
+                               "buffered I/O (slower, and it fills the page cache)",
+                               self.directory, exc.strerror)
+        self._data_fd = self._open_file(self.data_path, os.O_RDWR)
+
+    def _preallocate(self) -> None:
+        need = self.num_slots * self.slot_bytes
+        st = os.fstat(self._data_fd)
+        if st.st_size > need:
+            os.ftruncate(self._data_fd, need)
+        missing = max(0, need - st.st_blocks * 512)
+        if missing:
+            vfs = os.statvfs(self.directory)
+            free = vfs.f_bavail * vfs.f_frsize
+            if vfs.f_blocks and missing > free:  # f_blocks 0: no size limit known (ramfs)
+                raise StorageError(
+                    f"disk tier {self.data_path!r}: not enough space for {need} bytes "
+                    f"({self.num_slots} slots x {self.slot_bytes} B): {missing} more bytes "
+                    f"needed, {free} free")
+        try:
+            os.posix_fallocate(self._data_fd, 0, need)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:  # no preallocation here: extend the file
+                os.ftruncate(self._data_fd, max(need, st.st_size))
+            else:
+                raise StorageError(f"disk tier {self.data_path!r}: cannot preallocate {need} "
+                                   f"bytes: {exc.strerror or exc}") from exc
+
+    def _load_journal(self) -> None:
+        try:
+            with open(self.journal_path, "rb") as f:
+                image = f.read()
+        except FileNotFoundError:
+            image = b""
+        state = _parse_journal(image)
+        live: dict[int, tuple[int, BlockKey]] = {}
+        if state is None:
+            if image:
+                logger.warning("disk tier %s: journal has no valid superblock; starting empty",
+                               self.directory)
+        elif state.slot_bytes != self.slot_bytes:
+            logger.warning("disk tier %s: slot size changed (%d -> %d); starting empty",
+                           self.directory, state.slot_bytes, self.slot_bytes)
+        else:
+            if state.torn:
+                logger.warning("disk tier %s: journal tail torn at byte %d (a crash "
+                               "mid-append); dropping it", self.directory, state.valid_bytes)
+            other = 0
+            for slot, (fp, key) in state.entries.items():
+                if fp != self.fingerprint:
+                    other += 1
+                elif slot < self.num_slots:
+                    live[slot] = (fp, key)
+            if other:
+                logger.info("disk tier %s: dropped %d blocks of another geometry/model",
+                            self.directory, other)
+        for slot, (_fp, key) in live.items():
+            self._keys[slot] = key
+        self._rewrite_journal()
+        logger.info("disk tier %s: %d slots x %d B, recovered %d blocks, %s I/O",
+                    self.directory, self.num_slots, self.slot_bytes, len(live),
+                    "O_DIRECT" if self.o_direct else "buffered")
+
+    def _rewrite_journal(self) -> None:
+        """Atomically replace the journal with a superblock + one ADD per live block."""
+        records = [_pack_super(self.slot_bytes, self.num_slots)]
+        records += [_pack_record(_OP_ADD, slot, self.fingerprint, key)
+                    for slot, key in enumerate(self._keys) if key is not None]
+        tmp = self.journal_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, b"".join(records))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.journal_path)
+        _fsync_dir(self.directory)
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_records = len(records) - 1
+
+    def _append_journal(self, records: list[bytes]) -> None:
+        """Append and make durable (caller holds the lock); compact when it grew large."""
+        _write_all(self._journal_fd, b"".join(records))
+        os.fdatasync(self._journal_fd)
+        self._journal_records += len(records)
+        if self._journal_records > 4 * self.num_slots + 4096:
+            self._rewrite_journal()
+            self.stats.journal_compactions += 1
+
+    # -- index ------------------------------------------------------------------------------
+
+    def recover(self) -> list[tuple[int, BlockKey]]:
+        """(disk_slot, key) of every block durable on disk under this fingerprint."""
+        with self._lock:
+            return [(slot, key) for slot, key in enumerate(self._keys) if key is not None]
+
+    @staticmethod
+    def read_index(directory: str, fingerprint: int) -> list[tuple[int, BlockKey]]:
+        """The durable index of the tier in ``directory``, read-only (for another process).
+
+        Blocks of another fingerprint are left out. A missing directory or journal reads as
+        empty. The owner may compact the journal meanwhile; the rename is atomic, so this sees
+        the old or the new one, both correct.
+        """
+        path = os.path.join(directory, JOURNAL_NAME)
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"disk tier: cannot read {path!r}: {exc.strerror or exc}") from exc
+        state = _parse_journal(image)
+        if state is None:
+            return []
+        fingerprint &= 0xFFFF_FFFF_FFFF_FFFF
+        return sorted((slot, key) for slot, (fp, key) in state.entries.items()
+                      if fp == fingerprint and slot < state.num_slots)
+
+    def contains(self, disk_slot: int, key: BlockKey) -> bool:
+        stored = self._keys[disk_slot] if 0 <= disk_slot < self.num_slots else None
+        return stored is not None and key_bytes(stored) == key_bytes(key)
+
+    def invalidate(self, disk_slots: Sequence[int]) -> None:
+        """Durably drop ``disk_slots`` from the index before they are reused."""
+        self._check_open()
+        with self._lock:
+            slots = [s for s in dict.fromkeys(disk_slots) if self._check_slot(s) is not None
+                     and self._keys[s] is not None]
+            if not slots:
+                return
+            self._append_journal([_pack_record(_OP_DEL, s, self.fingerprint, None)
+                                  for s in slots])
+            for s in slots:
+                self._keys[s] = None
+            self.stats.invalidated += len(slots)
+
+    def _check_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.num_slots:
+            raise StorageError(f"disk tier {self.directory}: slot {slot} out of range "
+                               f"[0, {self.num_slots})")
+        return slot
+
+    def _check_arena(self, arena: HostArena) -> None:
+        if arena.slot_bytes != self.slot_bytes:
+            raise StorageError(f"disk tier {self.directory}: arena slots are "
+                               f"{arena.slot_bytes} B, disk slots {self.slot_bytes} B")
+
+    def _check_open(self) -> None:
+        if self._pool is None:
+            raise StorageError(f"disk tier {self.directory} is closed")
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def _runs(self, order: list[int], disk_slots: list[int]) -> list[list[int]]:
+        """Split ``order`` (indices sorted by disk slot) into runs of consecutive slots."""
+        runs: list[list[int]] = []
+        for i in order:
+            if (runs and len(runs[-1]) < self._max_run
+                    and disk_slots[runs[-1][-1]] + 1 == disk_slots[i]):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
+
+    def _vector_io(self, write: bool, arena: HostArena, first_slot: int,
+                   arena_slots: list[int]) -> tuple[int, str | None]:
+        """Move whole slots between the arena and consecutive disk slots from ``first_slot``.
+
+        Returns (number of slots fully moved, reason the rest failed or None).
+        """
+        done = 0
+        while done < len(arena_slots):
+            buffers = [arena.slot_view(s) for s in arena_slots[done:]]
+            offset = (first_slot + done) * self.slot_bytes
+            try:
+                if write:
+                    moved = os.pwritev(self._data_fd, buffers, offset)
+                else:
+                    moved = os.preadv(self._data_fd, buffers, offset)
+            except OSError as exc:
+                return done, errno.errorcode.get(exc.errno, str(exc.errno))
+            finally:
+                with self._lock:
+                    if write:
+                        self.stats.write_ios += 1
+                    else:
+                        self.stats.read_ios += 1
+            if moved < self.slot_bytes:  # end of file, or a limit inside this slot
+                return done, "short_write" if write else "short_read"
+            # A partial last slot is retried from its start (keeps O_DIRECT alignment).
+            done += moved // self.slot_bytes
+        return done, None
+
+    def write(self, arena: HostArena, pairs: Sequence[tuple[int, int, BlockKey]]) -> list[bool]:
+        """Store ``(arena_slot, disk_slot, key)`` blocks; per-block success.
+
+        Headers are stamped in the arena, each run of consecutive disk slots goes out as one
+        vectored write, the data is made durable, and only then are the blocks recorded in the
+        journal. Failures (disk full, I/O errors) are False results and counters.
+        """
+        self._check_open()
+        self._check_arena(arena)
+        n = len(pairs)
+        ok = [False] * n
+        if n == 0:
+            return ok
+        arena_slots = [p[0] for p in pairs]
+        disk_slots = [self._check_slot(p[1]) for p in pairs]
+        keys = [p[2] for p in pairs]
+        for s in arena_slots:
+            arena.check_slot(s)
+        for key in keys:
+            key_bytes(key)  # a malformed key is refused before any I/O
+        if len(set(disk_slots)) != n:
+            raise StorageError(f"disk tier {self.directory}: a write names a disk slot twice")
+        # A slot that still holds an indexed block is dropped from the index first, so a crash
+        # mid-overwrite cannot expose it.
+        self.invalidate([s for s in disk_slots if self._keys[s] is not None])
+
+        def write_run(run: list[int]) -> tuple[list[int], int, str | None]:
+            run_slots = [arena_slots[i] for i in run]
+            arena.write_header(run_slots, [keys[i] for i in run], self.fingerprint)
+            done, reason = self._vector_io(True, arena, disk_slots[run[0]], run_slots)
+            return run, done, reason
+
+        runs = self._runs(sorted(range(n), key=disk_slots.__getitem__), disk_slots)
+        errors: Counter = Counter()
+        for run, done, reason in self._map(write_run, runs):
+            for i in run[:done]:
+                ok[i] = True
+            if reason is not None:
+                errors[reason] += len(run) - done
+        written = [i for i in range(n) if ok[i]]
+        if written:
+            try:
+                os.fdatasync(self._data_fd)
+                with self._lock:
+                    self._append_journal([_pack_record(_OP_ADD, disk_slots[i], self.fingerprint,
+                                                       keys[i]) for i in written])
+                    for i in written:
+                        self._keys[disk_slots[i]] = keys[i]
+            except OSError as exc:
+                errors[errno.errorcode.get(exc.errno, str(exc.errno))] += len(written)
+                for i in written:
+                    ok[i] = False
+                written = []
+        with self._lock:
+            self.stats.blocks_written += len(written)
+            self.stats.bytes_written += len(written) * self.slot_bytes
+            dropped = n - len(written)
+            if dropped:
+                self.stats.dropped_writes += dropped
+                self.stats.write_errors.update(errors)
+        if errors:
+            logger.warning("disk tier %s: %d of %d block writes failed (%s)", self.directory,
+                           n - len(written), n, dict(errors))
+        return ok
+
+    def read(self, arena: HostArena, pairs: Sequence[tuple[int, int, BlockKey]]) -> list[bool]:
+        """Load ``(disk_slot, arena_slot, key)`` blocks into the arena; per-block success.
+
+        Runs of consecutive disk slots are read with one vectored read each; every block is
+        verified (header, key, fingerprint, checksum) in the arena. A block that is not in the
+        index, fails verification, or hits a short read or I/O error is False, and its arena
+        header is wiped so the bytes cannot be mistaken for a block later.
+        """
+        self._check_open()
+        self._check_arena(arena)
+        n = len(pairs)
+        ok = [False] * n
+        if n == 0:
+            return ok
+        disk_slots = [self._check_slot(p[0]) for p in pairs]
+        arena_slots = [p[1] for p in pairs]
+        keys = [p[2] for p in pairs]
+        for s in arena_slots:
+            arena.check_slot(s)
+        if len(set(arena_slots)) != n:
+            raise StorageError(f"disk tier {self.directory}: a read names an arena slot twice")
+        reasons: Counter = Counter()
+        wanted = []
+        for i in range(n):
+            if self.contains(disk_slots[i], keys[i]):
+                wanted.append(i)
+            else:
+                reasons["not_indexed"] += 1
+
+        def read_run(run: list[int]) -> tuple[list[int], Counter]:
+            run_slots = [arena_slots[i] for i in run]
+            done, reason = self._vector_io(False, arena, disk_slots[run[0]], run_slots)
+            failed: Counter = Counter()
+            if reason is not None:
+                failed[reason] += len(run) - done
+            for i in run[:done]:
+                problem = arena.check(arena_slots[i], keys[i], self.fingerprint)
+                if problem is None:
+                    ok[i] = True
+                else:
+                    failed[_failure_reason(problem)] += 1
+                    logger.debug("disk tier: slot %d: %s", disk_slots[i], problem)
+            return run, failed
+
+        for run, failed in self._map(read_run, self._runs(
+                sorted(wanted, key=disk_slots.__getitem__), disk_slots)):
+            reasons.update(failed)
+        for i in range(n):
+            if not ok[i]:
+                arena.header(arena_slots[i])[:] = 0
+        good = sum(ok)
+        with self._lock:
+            self.stats.blocks_read += good
+            self.stats.bytes_read += good * self.slot_bytes
+            self.stats.failed_reads.update(reasons)
+        if good != n:
+            logger.warning("disk tier %s: %d of %d block reads failed (%s)", self.directory,
+                           n - good, n, dict(reasons))
+        return ok
+
+    def _map(self, fn, runs: list):
+        """Run ``fn`` over ``runs`` on the I/O threads (the last in the calling thread)."""
+        if not runs:
+            return []
+        futures = [self._pool.submit(fn, run) for run in runs[:-1]]
+        last = fn(runs[-1])
+        return [f.result() for f in futures] + [last]
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def _close_fds(self) -> None:
+        for name in ("_data_fd", "_journal_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)  # closing the lock fd releases the flock
+                setattr(self, name, -1)
+
+    def close(self) -> None:
+        """Finish in-flight I/O and release the files. The index is already durable."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        with self._lock:
+            self._close_fds()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"DiskStorage({self.directory!r}, {self.num_slots} slots x {self.slot_bytes} B, "
+                f"{'O_DIRECT' if self.o_direct else 'buffered'})")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

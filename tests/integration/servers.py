@@ -1,0 +1,296 @@
+"""Real store servers on loopback for tests and benchmarks: Redis and Mooncake Store.
+
+Each server runs as a child process on free 127.0.0.1 ports and is stopped by its PID (never by
+name). ``kill``/``pause``/``resume``/``restart`` reproduce faults: a lost store (SIGKILL), a slow
+store (SIGSTOP .. SIGCONT) and a store coming back on the same ports.
+
+Binaries: ``redis-server`` (Debian package ``redis-server``); ``mooncake_master`` and
+``mooncake_client`` from the PyPI wheel ``mooncake-transfer-engine-non-cuda`` (its native
+libraries need Debian's ``libibverbs1``). ``missing_binaries()`` says what is absent so tests can
+skip, unless ``KVTIER_REQUIRE_SERVERS=1`` (CI) turns that into a failure.
+
+Mooncake's metadata HTTP port listens on 0.0.0.0 whatever ``--http_metadata_server_host`` says
+(reference/ENVIRONMENT.md §7); the other ports honour 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _tool(name: str) -> str | None:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which(name)
+
+
+def missing_binaries(kind: str) -> list[str]:
+    """Names of the programs a ``kind`` ("redis" or "mooncake") server needs but lacks."""
+    names = {"redis": ["redis-server"], "mooncake": ["mooncake_master", "mooncake_client"]}[kind]
+    missing = [name for name in names if _tool(name) is None]
+    if kind == "mooncake" and not missing:
+        try:
+            import mooncake.store  # noqa: F401  (needs libibverbs1 at import)
+        except ImportError as exc:
+            missing.append(f"mooncake.store ({exc})")
+    return missing
+
+
+class _Child:
+    """One server process: started with Popen, signalled by PID, log in ``workdir``."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.proc.pid, signum)
+
+    def stop(self, signum: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
+            os.kill(self.proc.pid, signum)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, num_bytes: int = 2000) -> str:
+        try:
+            return self.log_path.read_bytes()[-num_bytes:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def _wait_until(ready, child: _Child, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.running():
+            raise RuntimeError(f"{child.name} exited while starting ({what}):\n"
+                               f"{child.log_tail()}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{child.name} not ready after {timeout_s:.0f} s ({what}):\n"
+                       f"{child.log_tail()}")
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class _Server:
+    """Common lifecycle: a working directory, children started and stopped in order."""
+
+    def __init__(self, workdir: str | os.PathLike[str] | None) -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"kvtier-{type(self).__name__}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._children: list[_Child] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self._children if child.running()]
+
+    def stop(self) -> None:
+        for child in reversed(self._children):
+            child.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every process: the store is lost without any goodbye."""
+        for child in reversed(self._children):
+            child.stop(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the store keeps its sockets open but answers nothing (a slow store)."""
+        for child in self._children:
+            child.send(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for child in self._children:
+            child.send(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RedisServer(_Server):
+    """``redis-server`` on a free loopback port, no persistence."""
+
+    def __init__(self, workdir=None, *, password: str | None = None, db: int = 0,
+                 maxmemory_mb: int = 0) -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+        self.password = password
+        self.db = db
+        argv = [_tool("redis-server") or "redis-server", "--port", str(self.port),
+                "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir), "--daemonize", "no"]
+        if password:
+            argv += ["--requirepass", password]
+        if maxmemory_mb:
+            argv += ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru"]
+        self._server = _Child("redis-server", argv, self.workdir)
+        self._children = [self._server]
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/{self.db}"
+
+    def start(self) -> None:
+        self._server.start()
+        _wait_until(self._answers_ping, self._server, f"PING on port {self.port}")
+
+    def raw_client(self):
+        """A plain redis-py client on the same database (for tests and baselines)."""
+        import redis
+        return redis.Redis(host=LOOPBACK, port=self.port, db=self.db, password=self.password,
+                           socket_timeout=10)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
+                if self.password:
+                    sock.sendall(f"AUTH {self.password}\r\n".encode())
+                    sock.recv(64)
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class MooncakeServer(_Server):
+    """A Mooncake Store on loopback: ``mooncake_master`` (with its HTTP metadata server) and one
+    ``mooncake_client`` storage process that lends ``segment_mb`` of DRAM to the store."""
+
+    def __init__(self, workdir=None, *, segment_mb: int = 512) -> None:
+        super().__init__(workdir)
+        self.rpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.client_port, self.client_http_port = free_port(), free_port()
+        self.segment_mb = segment_mb
+        self._master = _Child("mooncake_master", [
+            _tool("mooncake_master") or "mooncake_master",
+            f"--rpc_address={LOOPBACK}", f"--rpc_port={self.rpc_port}",
+            "--enable_http_metadata_server=true", f"--http_metadata_server_host={LOOPBACK}",
+            f"--http_metadata_server_port={self.http_port}",
+            f"--metrics_host={LOOPBACK}", f"--metrics_port={self.metrics_port}",
+        ], self.workdir)
+        self._storage = _Child("mooncake_client", [
+            _tool("mooncake_client") or "mooncake_client",
+            f"--host={LOOPBACK}", f"--port={self.client_port}",
+            f"--global_segment_size={segment_mb}MB", "--local_buffer_size=16MB",
+            f"--master_server_address={self.master_address}",
+            f"--metadata_server={self.metadata_url}", "--protocol=tcp",
+            "--enable_http_server=false", f"--http_port={self.client_http_port}",
+        ], self.workdir)
+        self._children = [self._master, self._storage]
+
+    @property
+    def master_address(self) -> str:
+        return f"{LOOPBACK}:{self.rpc_port}"
+
+    @property
+    def metadata_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}/metadata"
+
+    @property
+    def url(self) -> str:
+        return f"mooncake://{self.master_address}?metadata={self.metadata_url}&protocol=tcp"
+
+    @property
+    def master_pid(self) -> int | None:
+        return self._master.pid
+
+    def start(self) -> None:
+        self._master.start()
+        _wait_until(lambda: _port_open(self.rpc_port) and self._metadata_answers(),
+                    self._master, f"RPC port {self.rpc_port}")
+        self._storage.start()
+        _wait_until(lambda: _port_open(self.client_port), self._storage,
+                    f"client port {self.client_port}")
+
+    def pause_master(self) -> None:
+        self._master.send(signal.SIGSTOP)
+
+    def resume_master(self) -> None:
+        self._master.send(signal.SIGCONT)
+
+    def raw_client(self, segment_mb: int = 0):
+        """A plain ``MooncakeDistributedStore`` connected to this store (close() it)."""
+        from mooncake.store import MooncakeDistributedStore
+        store = MooncakeDistributedStore()
+        rc = store.setup(LOOPBACK, self.metadata_url, segment_mb << 20, 16 << 20, "tcp", "",
+                         self.master_address)
+        if rc != 0:
+            raise RuntimeError(f"mooncake raw client setup failed: {rc}")
+        return store
+
+    def _metadata_answers(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.metadata_url}?key=probe", timeout=0.5).close()
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,356 @@
+"""G3 disk tier: durable index, verified reads, failures as results, file hygiene."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kvtier.errors import StorageError
+from kvtier.layout import KVGeometry, LayoutKind
+from kvtier.storage.disk import DATA_NAME, JOURNAL_NAME, DiskStorage
+from kvtier.storage.host import HostArena
+
+GEOMETRY = KVGeometry(num_layers=2, kv_factor=2, block_size=16, num_kv_heads=2, head_size=32,
+                      dtype="bfloat16", layout=LayoutKind.VLLM_CPU)  # 8 KiB payload
+FP = GEOMETRY.fingerprint("test")
+NUM_DISK = 16
+
+
+@pytest.fixture
+def arena():
+    a = HostArena(16, GEOMETRY, pin=False)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def disk(tmp_path, arena):
+    d = DiskStorage(str(tmp_path / "g3"), NUM_DISK, arena.slot_bytes, FP)
+    yield d
+    d.close()
+
+
+def fill(arena, slots, seed=0):
+    rng = np.random.default_rng(seed)
+    data = {}
+    for s in slots:
+        arena.payload(s)[:] = rng.integers(0, 256, arena.payload_bytes, dtype=np.uint8)
+        data[s] = arena.payload(s).copy()
+    return data
+
+
+def read_back(disk, arena, disk_slots, keys, into):
+    return disk.read(arena, list(zip(disk_slots, into, keys)))
+
+
+def test_round_trip_int_and_bytes_keys(disk, arena):
+    data = fill(arena, [0, 1, 2])
+    keys = [7, b"\x01" * 32, b"short"]
+    assert disk.write(arena, [(0, 5, keys[0]), (1, 6, keys[1]), (2, 11, keys[2])]) == [True] * 3
+    arena.array[:] = 0
+    assert read_back(disk, arena, [5, 6, 11], keys, [9, 10, 12]) == [True] * 3
+    for src, dst in ((0, 9), (1, 10), (2, 12)):
+        assert np.array_equal(arena.payload(dst), data[src])
+    assert disk.recover() == [(5, 7), (6, b"\x01" * 32), (11, b"short")]
+    assert DiskStorage.read_index(disk.directory, FP) == disk.recover()
+    assert DiskStorage.read_index(disk.directory, FP ^ 1) == []
+    assert disk.stats.blocks_written == 3 and disk.stats.blocks_read == 3
+
+
+def test_consecutive_slots_merge_into_one_vectored_io(disk, arena):
+    fill(arena, range(8))
+    arena_slots = [7, 0, 5, 2, 1, 6, 3, 4]  # scattered in the arena, consecutive on disk
+    pairs = [(a, 4 + i, 100 + i) for i, a in enumerate(arena_slots)]
+    assert all(disk.write(arena, pairs[::-1]))  # any order in, sorted inside
+    assert disk.stats.write_ios == 1
+    assert all(disk.read(arena, [(4 + i, 8 + i, 100 + i) for i in range(8)]))
+    assert disk.stats.read_ios == 1
+    assert all(disk.read(arena, [(4, 8, 100), (6, 9, 102), (8, 10, 104)]))
+    assert disk.stats.read_ios == 4
+
+
+def test_corrupted_byte_on_disk_fails_that_block_only(disk, arena):
+    data = fill(arena, [0, 1, 2])
+    assert all(disk.write(arena, [(0, 0, 1), (1, 1, 2), (2, 2, 3)]))
+    with open(os.path.join(disk.directory, DATA_NAME), "r+b") as f:
+        f.seek(1 * disk.slot_bytes + 64 + 1000)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    arena.array[:] = 0
+    assert read_back(disk, arena, [0, 1, 2], [1, 2, 3], [5, 6, 7]) == [True, False, True]
+    assert disk.stats.failed_reads["checksum"] == 1
+    assert np.array_equal(arena.payload(5), data[0]) and np.array_equal(arena.payload(7), data[2])
+    assert not arena.header(6).any()  # the bad slot cannot pass for a block later
+
+
+def test_corrupted_header_is_a_miss(disk, arena):
+    fill(arena, [0])
+    assert all(disk.write(arena, [(0, 3, 77)]))
+    with open(os.path.join(disk.directory, DATA_NAME), "r+b") as f:
+        f.seek(3 * disk.slot_bytes)
+        f.write(b"XXXX")  # magic
+    assert read_back(disk, arena, [3], [77], [1]) == [False]
+    assert disk.stats.failed_reads["magic"] == 1
+
+
+def test_truncated_file_gives_short_reads(disk, arena):
+    fill(arena, [0, 1, 2, 3])
+    assert all(disk.write(arena, [(i, 8 + i, i) for i in range(4)]))
+    os.truncate(os.path.join(disk.directory, DATA_NAME), 9 * disk.slot_bytes + 100)
+    assert read_back(disk, arena, [8, 9, 10, 11], [0, 1, 2, 3], [4, 5, 6, 7]) == [
+        True, False, False, False]
+    assert disk.stats.failed_reads["short_read"] == 3
+
+
+def test_missing_blocks_and_wrong_keys_are_misses(disk, arena):
+    fill(arena, [0])
+    assert all(disk.write(arena, [(0, 0, 10)]))
+    assert read_back(disk, arena, [1, 0], [10, 11], [2, 3]) == [False, False]
+    assert disk.stats.failed_reads["not_indexed"] == 2
+    assert disk.stats.read_ios == 0  # misses known from the index cost no I/O
+
+
+def test_invalidate_is_durable(disk, arena, tmp_path):
+    fill(arena, [0, 1])
+    assert all(disk.write(arena, [(0, 0, 10), (1, 1, 11)]))
+    disk.invalidate([0, 0, 5])  # duplicates and unknown slots are harmless
+    assert read_back(disk, arena, [0], [10], [4]) == [False]
+    assert disk.recover() == [(1, 11)]
+    assert DiskStorage.read_index(disk.directory, FP) == [(1, 11)]
+    disk.close()
+    again = DiskStorage(disk.directory, NUM_DISK, arena.slot_bytes, FP)
+    assert again.recover() == [(1, 11)]
+    again.close()
+
+
+def test_overwrite_replaces_the_old_block(disk, arena):
+    fill(arena, [0], seed=1)
+    assert all(disk.write(arena, [(0, 2, 100)]))
+    data = fill(arena, [1], seed=2)
+    assert all(disk.write(arena, [(1, 2, 200)]))
+    assert read_back(disk, arena, [2], [100], [3]) == [False]
+    assert read_back(disk, arena, [2], [200], [4]) == [True]
+    assert np.array_equal(arena.payload(4), data[1])
+    assert disk.recover() == [(2, 200)]
+
+
+def test_reopen_recovers_and_reads_byte_exact(tmp_path, arena):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    data = fill(arena, range(5), seed=3)
+    assert all(disk.write(arena, [(i, 15 - i, 1000 + i) for i in range(5)]))
+    disk.close()
+    arena.array[:] = 0
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    recovered = disk.recover()
+    assert recovered == sorted((15 - i, 1000 + i) for i in range(5))
+    ok = disk.read(arena, [(slot, 10 + key - 1000, key) for slot, key in recovered])
+    assert all(ok)
+    for i in range(5):
+        assert np.array_equal(arena.payload(10 + i), data[i])
+    disk.close()
+
+
+def test_other_fingerprint_or_slot_size_starts_empty(tmp_path, arena):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    fill(arena, [0])
+    assert all(disk.write(arena, [(0, 0, 1)]))
+    disk.close()
+    other = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP ^ 0xFF)
+    assert other.recover() == []
+    assert read_back(other, arena, [0], [1], [1]) == [False]
+    other.close()
+    bigger = DiskStorage(directory, 4, arena.slot_bytes * 2, FP)
+    assert bigger.recover() == []
+    bigger.close()
+
+
+def test_shrinking_drops_blocks_past_the_end(tmp_path, arena):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    fill(arena, [0, 1])
+    assert all(disk.write(arena, [(0, 1, 1), (1, 12, 2)]))
+    disk.close()
+    small = DiskStorage(directory, 8, arena.slot_bytes, FP)
+    assert small.recover() == [(1, 1)]
+    assert os.path.getsize(os.path.join(directory, DATA_NAME)) == 8 * arena.slot_bytes
+    small.close()
+
+
+def test_torn_journal_tail_is_dropped(tmp_path, arena, caplog):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    fill(arena, [0, 1])
+    assert all(disk.write(arena, [(0, 0, 1), (1, 1, 2)]))
+    disk.close()
+    journal = os.path.join(directory, JOURNAL_NAME)
+    with open(journal, "ab") as f:
+        f.write(b"KVTR\x01\x00\x08" + b"\x07" * 30)  # half a record: a crash mid-append
+    with caplog.at_level(logging.WARNING):
+        disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    assert "torn" in caplog.text
+    assert disk.recover() == [(0, 1), (1, 2)]
+    assert os.path.getsize(journal) == 64 * 3  # compacted: superblock + 2 records
+    disk.close()
+
+
+def test_files_are_private(tmp_path, disk):
+    assert stat.S_IMODE(os.stat(disk.directory).st_mode) == 0o700
+    for name in os.listdir(disk.directory):
+        assert stat.S_IMODE(os.stat(os.path.join(disk.directory, name)).st_mode) == 0o600, name
+    size = os.path.getsize(os.path.join(disk.directory, DATA_NAME))
+    assert size == NUM_DISK * disk.slot_bytes
+    assert os.stat(os.path.join(disk.directory, DATA_NAME)).st_blocks * 512 >= size  # allocated
+
+
+def test_unusable_directory_is_a_clear_error(tmp_path, arena):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match=str(blocker)):
+        DiskStorage(str(blocker / "g3"), 4, arena.slot_bytes, FP)
+    with pytest.raises(StorageError, match="/proc"):
+        DiskStorage("/proc/kvtier-g3", 4, arena.slot_bytes, FP)
+
+
+def test_not_enough_space_is_a_clear_error(tmp_path, arena):
+    with pytest.raises(StorageError, match=f"{tmp_path}.*not enough space"):
+        DiskStorage(str(tmp_path / "g3"), 1 << 40, arena.slot_bytes, FP)
+
+
+def test_second_owner_is_refused(disk, arena):
+    with pytest.raises(StorageError, match="in use by another process"):
+        DiskStorage(disk.directory, NUM_DISK, arena.slot_bytes, FP)
+
+
+def test_contract_errors(disk, arena):
+    with pytest.raises(StorageError, match="out of range"):
+        disk.write(arena, [(0, NUM_DISK, 1)])
+    with pytest.raises(StorageError, match="twice"):
+        disk.write(arena, [(0, 1, 1), (1, 1, 2)])
+    other = HostArena(1, KVGeometry(1, 1, 1, 1, 8, "float32", LayoutKind.BLOCK_FIRST), pin=False)
+    with pytest.raises(StorageError, match="arena slots"):
+        disk.read(other, [(0, 0, 1)])
+    other.close()
+    with pytest.raises(StorageError, match="multiple of 4096"):
+        DiskStorage(disk.directory + "x", 4, 5000, FP)
+    disk.close()
+    with pytest.raises(StorageError, match="closed"):
+        disk.write(arena, [(0, 0, 1)])
+
+
+# -- file systems that refuse O_DIRECT, or are full -------------------------------------------
+
+
+def _mount(fstype: str, target, options: str = "") -> bool:
+    target.mkdir()
+    cmd = ["mount", "-t", fstype] + (["-o", options] if options else []) + [fstype, str(target)]
+    try:
+        return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def _umount(target) -> None:
+    subprocess.run(["umount", str(target)], capture_output=True, check=False)
+
+
+def _refuses_o_direct(directory: str) -> bool:
+    probe = os.path.join(directory, ".odirect-probe")
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
+        return False
+    except OSError:
+        return True
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+@pytest.fixture
+def no_o_direct_dir(tmp_path):
+    """A directory on a file system that refuses O_DIRECT: tmpfs on older kernels, else ramfs."""
+    if os.path.isdir("/dev/shm") and _refuses_o_direct("/dev/shm"):
+        path = f"/dev/shm/kvtier-test-{os.getpid()}-{tmp_path.name}"
+        yield path
+        subprocess.run(["rm", "-rf", path], check=False)
+        return
+    target = tmp_path / "ramfs"
+    if not _mount("ramfs", target):
+        pytest.skip("no file system refusing O_DIRECT available (needs root to mount ramfs)")
+    try:
+        assert _refuses_o_direct(str(target))
+        yield str(target / "g3")
+    finally:
+        _umount(target)
+
+
+def test_buffered_fallback_where_o_direct_is_refused(no_o_direct_dir, arena, caplog):
+    with caplog.at_level(logging.WARNING):
+        disk = DiskStorage(no_o_direct_dir, 4, arena.slot_bytes, FP)
+    try:
+        assert not disk.o_direct
+        assert sum("O_DIRECT" in r.getMessage() for r in caplog.records) == 1
+        data = fill(arena, [0, 1])
+        assert all(disk.write(arena, [(0, 0, 1), (1, 1, 2)]))
+        assert all(disk.read(arena, [(0, 2, 1), (1, 3, 2)]))
+        assert np.array_equal(arena.payload(2), data[0])
+        assert np.array_equal(arena.payload(3), data[1])
+    finally:
+        disk.close()
+
+
+def test_full_file_system_at_set_up(tmp_path, arena):
+    target = tmp_path / "small"
+    if not _mount("tmpfs", target, "size=1m"):
+        pytest.skip("cannot mount a small tmpfs (needs root)")
+    try:
+        with pytest.raises(StorageError, match=f"{target}.*not enough space"):
+            DiskStorage(str(target / "g3"), 200, arena.slot_bytes, FP)
+    finally:
+        _umount(target)
+
+
+def test_write_failures_are_counted_drops_not_exceptions(tmp_path, arena):
+    """A file size limit (RLIMIT_FSIZE) makes writes past it fail with EFBIG, the same path as
+    ENOSPC/EIO: those blocks are False and counted; the others are durable and readable."""
+    directory = str(tmp_path / "g3")
+    DiskStorage(directory, 8, arena.slot_bytes, FP).close()  # preallocate as the parent
+    child = textwrap.dedent(f"""
+        import json, resource, signal
+        import numpy as np
+        from kvtier.layout import KVGeometry, LayoutKind
+        from kvtier.storage.disk import DiskStorage
+        from kvtier.storage.host import HostArena
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        geometry = KVGeometry(2, 2, 16, 2, 32, "bfloat16", LayoutKind.VLLM_CPU)
+        arena = HostArena(8, geometry, pin=False)
+        arena.array[:] = 5
+        disk = DiskStorage({directory!r}, 8, arena.slot_bytes, {FP})
+        limit = 4 * arena.slot_bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        ok = disk.write(arena, [(i, i, 50 + i) for i in range(8)])
+        print(json.dumps({{"ok": ok, "stats": disk.stats.as_dict()}}))
+        disk.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] == [True] * 4 + [False] * 4
+    assert result["stats"]["dropped_writes"] == 4
+    assert sum(result["stats"]["write_errors"].values()) == 4
+    disk = DiskStorage(directory, 8, arena.slot_bytes, FP)
+    assert disk.recover() == [(i, 50 + i) for i in range(4)]
+    assert all(disk.read(arena, [(i, i, 50 + i) for i in range(4)]))
+    assert (arena.payload(3) == 5).all()
+    disk.close()
