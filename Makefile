@@ -15,9 +15,9 @@ setup: $(STAMP)
 
 # Re-run set-up whenever the project's requirements change (the stamp is older than them).
 $(STAMP): pyproject.toml Makefile
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@{ command -v redis-server && ldconfig -p | grep -q libibverbs.so.1; } >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian) for the G4 tests"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server libibverbs1; }
 	[ -x $(PY) ] || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first: a bare torch requirement would pull a multi-GB CUDA build.

@@ -5,7 +5,8 @@ does for each new prompt. kvtier hashes the int32 arrays directly; vLLM's hasher
 (``get_request_block_hasher`` with its default ``sha256`` algorithm, as the engine builds it)
 gets the Python token list its ``Request`` keeps (the list conversion is not timed).
 
-Metrics (blocks/s, median of repeated runs, measured in the same process):
+Metrics (blocks/s, median of interleaved repeated runs in the same process, timed in CPU time
+of this process so that other load on a shared machine does not skew them):
   hash_rate         kvtier "xxh3" mode    vs vLLM default (sha256)
   hash_rate_kvbm    kvtier "kvbm" mode    vs vLLM default (sha256)
   hash_rate_list    kvtier "xxh3" on Python lists vs vLLM default (sha256)
@@ -27,7 +28,7 @@ import numpy as np
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 logging.getLogger("vllm").setLevel(logging.WARNING)
 
-from kvtier.hashing import BlockHasher, salt_hash  # noqa: E402
+from kvtier.hashing import BlockHasher, salt_hash
 
 BLOCK = 16
 
@@ -39,20 +40,20 @@ def make_requests(num_requests: int, tokens_per_request: int, seed: int = 0) -> 
 
 
 def time_kvtier(hasher: BlockHasher, requests, salt: int) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     for tokens in requests:
         hasher.hash_blocks(tokens, salt=salt)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def time_vllm(hasher_fn, token_lists) -> float:
     requests = [SimpleNamespace(block_hashes=[], num_tokens=len(t), all_token_ids=t,
                                 mm_features=[], lora_request=None, cache_salt=None,
                                 prompt_embeds=None) for t in token_lists]
-    start = time.perf_counter()
+    start = time.process_time()
     for request in requests:
         request.block_hashes = hasher_fn(request)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ import numpy as np
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 logging.getLogger("vllm").setLevel(logging.WARNING)
 
-from kvtier.events import EventBuffer  # noqa: E402
-from kvtier.pools import BlockPool  # noqa: E402
-from kvtier.tiers import Tier  # noqa: E402
+from kvtier.events import EventBuffer
+from kvtier.pools import BlockPool
+from kvtier.tiers import Tier
 
 BLOCK = 16
 

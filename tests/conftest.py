@@ -1,19 +1,12 @@
-"""Shared fixtures: a tiny local Llama (no download) and free loopback ports."""
+"""Shared fixtures: a tiny local Llama (no download); GPU tests skip without CUDA."""
 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,6 @@ from kvtier.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 HASH_MODES = ("xxh3", "sha256_cbor")
-EVICTION_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "tinylfu", "leaf_lru")
-ADMISSION_POLICIES = ("always", "frequency", "tinylfu", "never")
 ONBOARD_MODES = ("auto", "always", "never")
 
 
@@ -68,15 +66,20 @@ class KvtierConfig:
         _check_positive(self, ("disk_io_threads", "remote_timeout_ms",
                                "max_transfer_batch_blocks", "max_concurrent_transfers"))
         _check_choice(self, "hash_mode", HASH_MODES)
-        _check_choice(self, "disk_admission", ADMISSION_POLICIES)
-        _check_choice(self, "remote_admission", ADMISSION_POLICIES)
         _check_choice(self, "onboard_mode", ONBOARD_MODES)
+        # Policy names come from their registries, so a new policy needs no edit here.
+        from kvtier.offload.admission import admission_policy_names
+        from kvtier.pools import eviction_policy_names
+
+        for key in ("disk_admission", "remote_admission"):
+            _check_choice(self, key, tuple(admission_policy_names()))
         for key in ("host_eviction_policy", "disk_eviction_policy"):
             value = getattr(self, key)
             # A dotted path names a user policy class ("pkg.module.ClassName").
-            if value not in EVICTION_POLICIES and "." not in value:
+            if value not in eviction_policy_names() and "." not in value:
                 raise ConfigError(f"{key}={value!r} is not allowed: use one of "
-                                  f"{', '.join(EVICTION_POLICIES)} or a 'module.Class' path")
+                                  f"{', '.join(eviction_policy_names())} or a 'module.Class' "
+                                  "path")
         if self.offload_min_priority > 100:
             raise ConfigError(f"offload_min_priority={self.offload_min_priority} is not allowed: "
                               "use 0..100")
@@ -85,7 +88,8 @@ class KvtierConfig:
                               "or 1..65535")
         if self.has_disk and not self.disk_dir:
             raise ConfigError("disk_dir is required when disk_cache_gb or disk_cache_blocks is set")
-        if self.remote_url and not self.remote_url.startswith(("mooncake://", "redis://")):
+        # The scheme names a remote backend (storage/remote registry), checked when it opens.
+        if self.remote_url and "://" not in self.remote_url:
             raise ConfigError(f"remote_url={redact_url(self.remote_url)!r} is not allowed: use "
                               "mooncake://HOST:PORT?metadata=... or redis://HOST:PORT/DB")
 
@@ -238,9 +242,12 @@ def _parse(key: str, value: Any, source: str) -> Any:
 def redact_url(url: str) -> str:
     """Drop credentials from a URL so it can be logged or used as a label."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
+        scheme, rest = "", url
+    authority = rest.split("/", 1)[0]
+    if "@" not in authority:
         return url
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
 
 
 def _check_non_negative(cfg: KvtierConfig, keys: tuple[str, ...]) -> None:

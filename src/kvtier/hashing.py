@@ -17,7 +17,7 @@ Modes (``BlockHasher(mode=...)``):
     Dynamo KVBM's formula (``lib/llm/src/tokens.rs``): ``BlockHash = xxh3_64(tokens, seed=salt)``;
     ``SequenceHash = BlockHash`` for the first block of a sequence, else
     ``xxh3_64(u64le(parent) ‖ u64le(BlockHash), seed=salt)``. Extra key bytes are appended to
-    the token bytes. About half the speed of ``"xxh3"`` (two calls per block).
+    the token bytes. Slower than ``"xxh3"`` (two xxh3 calls per block).
 ``"sha256"``, ``"sha256_cbor"``, ``"xxhash"``, ``"xxhash_cbor"`` (``bytes`` keys)
     vLLM's own prefix-cache hashes for the same ``--prefix-caching-hash-algo`` value, so that
     kvtier's keys and KV events agree with the engine's. The first block's parent is vLLM's
@@ -153,7 +153,7 @@ class BlockHasher:
                               f"{', '.join(HASH_MODES)}")
         self.block_size = block_size
         self.mode = mode
-        # Splits a token buffer into one bytes object per full block (trailing part ignored).
+        # Splits a buffer of whole blocks into one bytes object per block.
         self._unpack_blocks = struct.Struct(f"{4 * block_size}s").iter_unpack
         self.none_hash: bytes | None = None
         if mode in ENGINE_MODES:

@@ -71,9 +71,11 @@ def block_bytes(kv: dict, axis: int, block: int) -> bytes:
     return b"".join(parts)
 
 
-def zero_(kv):
+def zero_(kv: dict) -> None:
+    """Zero every byte (through an integer view: fill_ is not defined for every float8)."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     for t in kv.values():
-        t.zero_()
+        t.view(as_int[t.element_size()]).zero_()
 
 
 def poll_until(engine, rid, timeout=30.0):
@@ -92,7 +94,6 @@ def test_cuda_round_trip_through_disk_is_byte_exact(kind, dtype, tmp_path):
     kv, axis = case(kind, dtype)
     dev = DeviceKV.from_tensors(kv, BS)
     arena = HostArena(24, dev.geometry)  # pin=None: pinned, CUDA is here
-    assert arena.pinned
     disk = DiskStorage(str(tmp_path / "g3"), 24, arena.slot_bytes, dev.geometry.fingerprint())
     engine = TransferEngine(device=dev, arena=arena, disk=disk, max_batch_blocks=4)
     try:
@@ -146,6 +147,16 @@ def test_offload_waits_for_work_queued_on_the_callers_stream():
         assert torch.all(payload == 3.0)
     finally:
         engine.close()
+        arena.close()
+
+
+def test_arena_is_pinned_when_cuda_is_present():
+    geometry = DeviceKV.from_tensors(case("block_first", torch.bfloat16)[0], BS).geometry
+    arena = HostArena(4, geometry, pin=True)
+    try:
+        assert arena.pinned
+        assert arena.tensor.is_pinned()
+    finally:
         arena.close()
 
 

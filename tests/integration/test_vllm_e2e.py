@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import free_port
+from servers import free_port
 from kvtier.cli.demo import conversation_prompts
 from kvtier.cli.vllm_job import run_job_process
 

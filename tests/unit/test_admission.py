@@ -108,8 +108,8 @@ def test_frequency_filter_forces_decay_when_full():
     assert policy.count_of("hot") == 6
 
 
-@pytest.mark.parametrize("options", [dict(min_count=0), dict(decay_seconds=0),
-                                     dict(max_entries=0)])
+@pytest.mark.parametrize("options", [{"min_count": 0}, {"decay_seconds": 0},
+                                     {"max_entries": 0}])
 def test_frequency_filter_rejects_bad_options(options):
     with pytest.raises(ConfigError):
         FrequencyFilter(**options)

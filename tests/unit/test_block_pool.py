@@ -102,7 +102,7 @@ def test_allocate_negative_raises():
 def test_allocate_is_all_or_nothing():
     pool = make_pool(4)
     held = pool.allocate(2)
-    stored_blocks(pool, ["k"])
+    stored_blocks(pool, [b"k"])
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (1, 1, 2)
     before = snapshot(pool)
     assert pool.allocate(3) == []
@@ -114,24 +114,24 @@ def test_allocate_is_all_or_nothing():
 
 def test_allocate_evicts_inactive_blocks_lru_and_emits_removed():
     pool = make_pool(3)
-    ids = stored_blocks(pool, ["a", "b", "c"])  # released in order a, b, c
+    ids = stored_blocks(pool, [b"a", b"b", b"c"])  # released in order a, b, c
     pool._events.take_events()
     new = pool.allocate(2)
     assert new == [ids[0], ids[1]]  # least recently released first
-    assert pool.lookup(["a"]) == 0 and pool.lookup(["b"]) == 0 and pool.lookup(["c"]) == 1
+    assert pool.lookup([b"a"]) == 0 and pool.lookup([b"b"]) == 0 and pool.lookup([b"c"]) == 1
     assert pool.key_of(new[0]) is None and pool.state_of(new[0]) is BlockState.PARTIAL
     events = pool._events.take_events()
-    assert events == [BlockRemoved(["a", "b"], Tier.G2)]
+    assert events == [BlockRemoved([b"a", b"b"], Tier.G2)]
     pool.check_invariants()
 
 
 def test_allocate_uses_free_list_before_evicting():
     pool = make_pool(3)
-    stored_blocks(pool, ["a"])
+    stored_blocks(pool, [b"a"])
     assert pool.allocate(2) == [1, 2]
-    assert pool.lookup(["a"]) == 1
+    assert pool.lookup([b"a"]) == 1
     assert pool.allocate(1) == [0]
-    assert pool.lookup(["a"]) == 0
+    assert pool.lookup([b"a"]) == 0
 
 
 class _BrokenPolicy(LruEviction):
@@ -143,7 +143,7 @@ class _BrokenPolicy(LruEviction):
 
 def test_a_policy_that_breaks_its_contract_is_reported():
     pool = make_pool(2, eviction=_BrokenPolicy(2))
-    stored_blocks(pool, ["a"])
+    stored_blocks(pool, [b"a"])
     with pytest.raises(BlockStateError, match="test-broken"):
         pool.allocate(2)
     pool.check_invariants()
@@ -167,7 +167,7 @@ def test_complete_of_a_non_partial_block_raises_and_changes_nothing(setup):
         pool.complete([ids[1]])
     elif setup == "registered":
         pool.complete([ids[1]])
-        pool.register([ids[1]], ["k"])
+        pool.register([ids[1]], [b"k"])
     target = 3 if setup == "reset" else ids[1]
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match=f"block {target} in state"):
@@ -181,7 +181,7 @@ def test_unknown_block_ids_raise_everywhere(bad_id):
     ids = pool.allocate(1)
     before = snapshot(pool)
     for call in (lambda: pool.complete([ids[0], bad_id]), lambda: pool.release([bad_id]),
-                 lambda: pool.register([bad_id], ["k"]), lambda: pool.restore([(bad_id, "k")]),
+                 lambda: pool.register([bad_id], [b"k"]), lambda: pool.restore([(bad_id, b"k")]),
                  lambda: pool.key_of(bad_id), lambda: pool.state_of(bad_id),
                  lambda: pool.ref_count(bad_id)):
         with pytest.raises(BlockStateError, match="block id"):
@@ -218,21 +218,23 @@ def test_register_of_a_non_complete_block_raises_and_changes_nothing(state):
         bad = 3
     else:
         pool.complete([ids[1]])
-        pool.register([ids[1]], ["x"])
+        pool.register([ids[1]], [b"x"])
         bad = ids[1]
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match=f"register of block {bad}"):
-        pool.register([ids[0], bad], ["a", "b"])
+        pool.register([ids[0], bad], [b"a", b"b"])
     assert snapshot(pool) == before
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(keys=["a"]), "2 block ids and 1 keys"),
-    (dict(keys=["a", None]), "None key"),
-    (dict(keys=["a", "b"], priority=101), "priority"),
-    (dict(keys=["a", "b"], priority=-1), "priority"),
-    (dict(keys=["a", "b"], priority=[1]), "priorities"),
-    (dict(keys=["a", "b"], priority=[1, 200]), "priority"),
+    ({"keys": [b"a"]}, "2 block ids and 1 keys"),
+    ({"keys": [b"a", None]}, "None of type NoneType; keys are int or bytes"),
+    ({"keys": [b"a", "text"]}, "type str"),
+    ({"keys": [b"a", [1]]}, "type list"),
+    ({"keys": [b"a", b"b"], "priority": 101}, "priority"),
+    ({"keys": [b"a", b"b"], "priority": -1}, "priority"),
+    ({"keys": [b"a", b"b"], "priority": [1]}, "priorities"),
+    ({"keys": [b"a", b"b"], "priority": [1, 200]}, "priority"),
 ])
 def test_register_rejects_bad_batches(kwargs, match):
     pool = make_pool(4)
@@ -251,21 +253,21 @@ def test_register_rejects_a_block_listed_twice():
     pool.complete(ids)
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match="twice"):
-        pool.register([ids[0], ids[0]], ["a", "b"])
+        pool.register([ids[0], ids[0]], [b"a", b"b"])
     assert snapshot(pool) == before
 
 
 def test_duplicate_key_keeps_the_inactive_block_and_frees_the_new_one():
     pool = make_pool(4)
-    (old,) = stored_blocks(pool, ["k"])
+    (old,) = stored_blocks(pool, [b"k"])
     pool._events.take_events()
     (new,) = pool.allocate(1)
     pool.complete([new])
-    assert pool.register([new], ["k"]) == [old]
+    assert pool.register([new], [b"k"]) == [old]
     assert pool.ref_count(old) == 1 and pool.state_of(old) is BlockState.REGISTERED
     assert pool.state_of(new) is BlockState.RESET and pool.ref_count(new) == 0
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (3, 0, 1)
-    assert pool._events.take_events() == [BlockStored(["k"], None, 4, Tier.G2)]
+    assert pool._events.take_events() == [BlockStored([b"k"], None, 4, Tier.G2)]
     pool.check_invariants()
     pool.release([old])
     assert pool.num_inactive == 1
@@ -273,10 +275,10 @@ def test_duplicate_key_keeps_the_inactive_block_and_frees_the_new_one():
 
 def test_duplicate_key_of_an_active_block_adds_a_reference():
     pool = make_pool(4)
-    (old,) = stored_blocks(pool, ["k"], release=False)
+    (old,) = stored_blocks(pool, [b"k"], release=False)
     (new,) = pool.allocate(1)
     pool.complete([new])
-    assert pool.register([new], ["k"]) == [old]
+    assert pool.register([new], [b"k"]) == [old]
     assert pool.ref_count(old) == 2
     pool.release([old, old])
     assert pool.num_inactive == 1 and pool.num_free == 3
@@ -287,7 +289,7 @@ def test_duplicate_keys_within_one_call():
     pool = make_pool(4)
     ids = pool.allocate(3)
     pool.complete(ids)
-    out = pool.register(ids, ["a", "b", "a"])
+    out = pool.register(ids, [b"a", b"b", b"a"])
     assert out == [ids[0], ids[1], ids[0]]
     assert pool.ref_count(ids[0]) == 2 and pool.state_of(ids[2]) is BlockState.RESET
     pool.check_invariants()
@@ -297,12 +299,12 @@ def test_duplicate_keys_within_one_call():
 
 def test_duplicate_of_a_block_with_other_holders_drops_only_the_callers_reference():
     pool = make_pool(4)
-    (a,) = stored_blocks(pool, ["k"], release=False)
-    assert pool.match(["k"]) == [a]  # two references on a
-    pool.discard(["k"])  # a stays held, unmatchable
+    (a,) = stored_blocks(pool, [b"k"], release=False)
+    assert pool.match([b"k"]) == [a]  # two references on a
+    pool.discard([b"k"])  # a stays held, unmatchable
     assert pool.state_of(a) is BlockState.COMPLETE
-    (b,) = stored_blocks(pool, ["k"], release=False)
-    assert pool.register([a], ["k"]) == [b]
+    (b,) = stored_blocks(pool, [b"k"], release=False)
+    assert pool.register([a], [b"k"]) == [b]
     assert pool.ref_count(a) == 1 and pool.state_of(a) is BlockState.COMPLETE
     assert pool.ref_count(b) == 2
     pool.check_invariants()
@@ -313,13 +315,13 @@ def test_duplicate_of_a_block_with_other_holders_drops_only_the_callers_referenc
 # -- match / lookup / touch -----------------------------------------------------------------
 def test_match_takes_references_on_the_longest_prefix():
     pool = make_pool(6)
-    ids = stored_blocks(pool, ["a", "b", "c"])
-    assert pool.match(["a", "b", "x", "c"]) == ids[:2]
+    ids = stored_blocks(pool, [b"a", b"b", b"c"])
+    assert pool.match([b"a", b"b", b"x", b"c"]) == ids[:2]
     assert [pool.ref_count(b) for b in ids] == [1, 1, 0]
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (3, 1, 2)
-    assert pool.match(["a"]) == ids[:1]
+    assert pool.match([b"a"]) == ids[:1]
     assert pool.ref_count(ids[0]) == 2
-    assert pool.match(["x", "a"]) == []
+    assert pool.match([b"x", b"a"]) == []
     assert pool.match([]) == []
     pool.check_invariants()
     # Active blocks are never evicted.
@@ -329,18 +331,18 @@ def test_match_takes_references_on_the_longest_prefix():
 
 def test_lookup_is_side_effect_free():
     pool = make_pool(4)
-    stored_blocks(pool, ["a", "b", "c"])
+    stored_blocks(pool, [b"a", b"b", b"c"])
     before = snapshot(pool)
-    assert pool.lookup(["a", "b", "z", "c"]) == 2
-    assert pool.lookup(["c"]) == 1
+    assert pool.lookup([b"a", b"b", b"z", b"c"]) == 2
+    assert pool.lookup([b"c"]) == 1
     assert pool.lookup([]) == 0
     assert snapshot(pool) == before
 
 
 def test_touch_makes_an_inactive_block_most_recently_used():
     pool = make_pool(3)
-    a, b, c = stored_blocks(pool, ["a", "b", "c"])
-    assert pool.touch(["a", "zz", "b"]) == 1
+    a, b, c = stored_blocks(pool, [b"a", b"b", b"c"])
+    assert pool.touch([b"a", b"zz", b"b"]) == 1
     assert pool.allocate(1) == [b]
     assert pool.allocate(1) == [c]
     assert pool.allocate(1) == [a]
@@ -348,15 +350,15 @@ def test_touch_makes_an_inactive_block_most_recently_used():
 
 def test_match_of_an_active_block_then_release_refreshes_recency():
     pool = make_pool(2)
-    a, b = stored_blocks(pool, ["a", "b"])
-    pool.release(pool.match(["a"]))
+    _, b = stored_blocks(pool, [b"a", b"b"])
+    pool.release(pool.match([b"a"]))
     assert pool.allocate(1) == [b]
 
 
 def test_touch_and_lookup_do_not_take_references():
     pool = make_pool(2)
-    stored_blocks(pool, ["a"])
-    pool.touch(["a"])
+    stored_blocks(pool, [b"a"])
+    pool.touch([b"a"])
     assert pool.num_active == 0 and pool.num_inactive == 1
 
 
@@ -380,12 +382,12 @@ class _CountingPolicy(LruEviction):
 def test_policy_hooks_see_hits_and_misses():
     policy = _CountingPolicy(4)
     pool = make_pool(4, eviction=policy)
-    stored_blocks(pool, ["a", "b"])
-    pool.match(["a", "b", "c", "d"])
-    pool.touch(["b", "q"])
-    pool.lookup(["a", "zz"])
-    assert policy.hits == ["a", "b", "b"]
-    assert policy.misses == ["c"]
+    stored_blocks(pool, [b"a", b"b"])
+    pool.match([b"a", b"b", b"c", b"d"])
+    pool.touch([b"b", b"q"])
+    pool.lookup([b"a", b"zz"])
+    assert policy.hits == [b"a", b"b", b"b"]
+    assert policy.misses == [b"c"]
 
 
 class _InactiveHitsPolicy(_CountingPolicy):
@@ -396,10 +398,10 @@ class _InactiveHitsPolicy(_CountingPolicy):
 def test_policies_that_only_order_evictable_blocks_hear_only_their_hits():
     policy = _InactiveHitsPolicy(4)
     pool = make_pool(4, eviction=policy)
-    stored_blocks(pool, ["a", "b"])
-    pool.match(["a"])  # a becomes active: no hit to report to such a policy
-    pool.touch(["a", "b"])  # only b is evictable
-    assert policy.hits == ["b"]
+    stored_blocks(pool, [b"a", b"b"])
+    pool.match([b"a"])  # a becomes active: no hit to report to such a policy
+    pool.touch([b"a", b"b"])  # only b is evictable
+    assert policy.hits == [b"b"]
 
 
 # -- release --------------------------------------------------------------------------------
@@ -416,7 +418,7 @@ def test_release_of_unregistered_blocks_frees_them():
 
 def test_double_release_raises_and_changes_nothing():
     pool = make_pool(4)
-    (a,) = stored_blocks(pool, ["a"])
+    (a,) = stored_blocks(pool, [b"a"])
     ids = pool.allocate(1)
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match=f"release of block {a} in state REGISTERED"):
@@ -429,8 +431,8 @@ def test_double_release_raises_and_changes_nothing():
 
 def test_release_of_a_block_listed_more_often_than_it_is_held():
     pool = make_pool(4)
-    (a,) = stored_blocks(pool, ["a"], release=False)
-    pool.match(["a"])
+    (a,) = stored_blocks(pool, [b"a"], release=False)
+    pool.match([b"a"])
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match="3 times"):
         pool.release([a, a, a])
@@ -441,7 +443,7 @@ def test_release_of_a_block_listed_more_often_than_it_is_held():
 
 def test_release_order_is_eviction_order():
     pool = make_pool(3)
-    ids = stored_blocks(pool, ["a", "b", "c"], release=False)
+    ids = stored_blocks(pool, [b"a", b"b", b"c"], release=False)
     pool.release(list(reversed(ids)))  # tail first, as vLLM frees a request
     assert pool.allocate(1) == [ids[2]]
 
@@ -450,9 +452,9 @@ def test_priorities_evict_lowest_first_then_lru():
     pool = make_pool(4)
     ids = pool.allocate(4)
     pool.complete(ids)
-    pool.register(ids, ["p50", "p0-old", "p100", "p0-new"], priority=[50, 0, 100, 0])
+    pool.register(ids, [b"p50", b"p0-old", b"p100", b"p0-new"], priority=[50, 0, 100, 0])
     pool.release(ids)
-    pool.touch(["p100"])
+    pool.touch([b"p100"])
     assert [pool.allocate(1)[0] for _ in range(4)] == [ids[1], ids[3], ids[0], ids[2]]
 
 
@@ -460,63 +462,64 @@ def test_fifo_ignores_touch_and_priority():
     pool = make_pool(3, eviction="fifo")
     ids = pool.allocate(3)
     pool.complete(ids)
-    pool.register(ids, ["a", "b", "c"], priority=[100, 50, 0])
+    pool.register(ids, [b"a", b"b", b"c"], priority=[100, 50, 0])
     pool.release(ids)
-    pool.touch(["a"])
+    pool.touch([b"a"])
     assert [pool.allocate(1)[0] for _ in range(3)] == ids
 
 
 # -- discard --------------------------------------------------------------------------------
 def test_discard_frees_inactive_and_unregisters_active_blocks():
     pool = make_pool(4)
-    a, b = stored_blocks(pool, ["a", "b"])
-    pool.match(["a"])
+    a, b = stored_blocks(pool, [b"a", b"b"])
+    pool.match([b"a"])
     pool._events.take_events()
-    assert pool.discard(["a", "b", "unknown"]) == 2
-    assert pool._events.take_events() == [BlockRemoved(["a", "b"], Tier.G2)]
-    assert pool.lookup(["a"]) == 0 and pool.lookup(["b"]) == 0
+    assert pool.discard([b"a", b"b", b"unknown"]) == 2
+    assert pool._events.take_events() == [BlockRemoved([b"a", b"b"], Tier.G2)]
+    assert pool.lookup([b"a"]) == 0 and pool.lookup([b"b"]) == 0
     assert pool.state_of(b) is BlockState.RESET
     assert pool.state_of(a) is BlockState.COMPLETE and pool.ref_count(a) == 1
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (3, 0, 1)
     pool.check_invariants()
     pool.release([a])
     assert pool.state_of(a) is BlockState.RESET and pool.num_free == 4
-    assert pool.discard(["a"]) == 0
+    assert pool.discard([b"a"]) == 0
     assert pool._events.take_events() == []
 
 
 # -- restore --------------------------------------------------------------------------------
 def test_restore_registers_free_blocks_as_inactive():
     pool = make_pool(4)
-    pool.restore([(2, "x"), (0, "y")])
-    assert pool.state_of(2) is BlockState.REGISTERED and pool.key_of(0) == "y"
+    pool.restore([(2, b"x"), (0, b"y")])
+    assert pool.state_of(2) is BlockState.REGISTERED and pool.key_of(0) == b"y"
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (2, 2, 0)
     assert free_order(pool) == [1, 3]
-    assert pool._events.take_events() == [BlockStored(["x"], None, 4, Tier.G2),
-                                          BlockStored(["y"], None, 4, Tier.G2)]
+    assert pool._events.take_events() == [BlockStored([b"x"], None, 4, Tier.G2),
+                                          BlockStored([b"y"], None, 4, Tier.G2)]
     pool.check_invariants()
-    assert pool.match(["x"]) == [2]
+    assert pool.match([b"x"]) == [2]
     assert pool.allocate(3) == [1, 3, 0]  # restored blocks are evictable, first restored first
 
 
 def test_restore_without_events():
     pool = make_pool(4)
-    pool.restore([(1, "x")], emit_events=False)
+    pool.restore([(1, b"x")], emit_events=False)
     assert pool._events.take_events() == []
 
 
 @pytest.mark.parametrize("entries, match", [
-    ([(2, "a"), (2, "b")], "twice"),
-    ([(2, "a"), (3, "a")], "already registered"),
-    ([(2, "held")], "already registered"),
-    ([(3, "z"), (2, None)], "None"),
-    ([(2, "z"), (0, "y")], "restore of block 0 in state PARTIAL"),
-    ([(1, "z")], "restore of block 1 in state REGISTERED"),
+    ([(2, b"a"), (2, b"b")], "twice"),
+    ([(2, b"a"), (3, b"a")], "already registered"),
+    ([(2, b"held")], "already registered"),
+    ([(3, b"z"), (2, None)], "keys are int or bytes"),
+    ([(3, b"z"), (2, [1])], "keys are int or bytes"),
+    ([(2, b"z"), (0, b"y")], "restore of block 0 in state PARTIAL"),
+    ([(1, b"z")], "restore of block 1 in state REGISTERED"),
 ])
 def test_restore_rejects_bad_entries(entries, match):
     pool = make_pool(4)
     assert pool.allocate(1) == [0]  # block 0: PARTIAL
-    assert stored_blocks(pool, ["held"]) == [1]  # block 1: inactive; 2 and 3 free
+    assert stored_blocks(pool, [b"held"]) == [1]  # block 1: inactive; 2 and 3 free
     before = snapshot(pool)
     with pytest.raises(BlockStateError, match=match):
         pool.restore(entries)
@@ -526,12 +529,12 @@ def test_restore_rejects_bad_entries(entries, match):
 # -- clear ----------------------------------------------------------------------------------
 def test_clear_drops_every_registration():
     pool = make_pool(4)
-    a, b = stored_blocks(pool, ["a", "b"])
-    pool.match(["b"])
+    a, b = stored_blocks(pool, [b"a", b"b"])
+    pool.match([b"b"])
     pool._events.take_events()
     pool.clear()
     assert pool._events.take_events() == [AllBlocksCleared(Tier.G2)]
-    assert pool.num_registered == 0 and pool.lookup(["a"]) == 0 and pool.lookup(["b"]) == 0
+    assert pool.num_registered == 0 and pool.lookup([b"a"]) == 0 and pool.lookup([b"b"]) == 0
     assert pool.state_of(a) is BlockState.RESET
     assert pool.state_of(b) is BlockState.COMPLETE and pool.ref_count(b) == 1
     assert (pool.num_free, pool.num_inactive, pool.num_active) == (3, 0, 1)
@@ -543,9 +546,9 @@ def test_clear_drops_every_registration():
 
 def test_pool_without_events_works():
     pool = make_pool(2, events=False)
-    stored_blocks(pool, ["a", "b"])
+    stored_blocks(pool, [b"a", b"b"])
     pool.allocate(1)
-    pool.discard(["b"])
+    pool.discard([b"b"])
     pool.clear()
     pool.check_invariants()
 
@@ -554,16 +557,16 @@ def test_pool_without_events_works():
 @pytest.mark.parametrize("corrupt, match", [
     (lambda p: p._ref.__setitem__(0, 0), "without references"),
     (lambda p: p._ref.__setitem__(3, 1), "RESET but referenced"),
-    (lambda p: p._registry.__setitem__("ghost", 1), "registry maps"),
+    (lambda p: p._registry.__setitem__(b"ghost", 1), "registry maps"),
     (lambda p: p._next.__setitem__(p._sentinel, 3), "free list"),
     (lambda p: setattr(p, "_num_free", 9), "counters"),
-    (lambda p: p._key.__setitem__(0, "stray"), "holds a key"),
+    (lambda p: p._key.__setitem__(0, b"stray"), "holds a key"),
     (lambda p: p._eviction.on_remove(1), "eviction policy holds"),
 ])
 def test_check_invariants_detects_corruption(corrupt, match):
     pool = make_pool(4)
     pool.allocate(1)
-    stored_blocks(pool, ["k"])
+    stored_blocks(pool, [b"k"])
     pool.check_invariants()
     corrupt(pool)
     with pytest.raises(BlockStateError, match=match):

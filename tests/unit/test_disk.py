@@ -204,6 +204,23 @@ def test_torn_journal_tail_is_dropped(tmp_path, arena, caplog):
     disk.close()
 
 
+def test_journal_is_compacted_while_running(tmp_path, arena):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, 4, arena.slot_bytes, FP)
+    disk._compact_after = 6  # the default waits for 2 * num_slots + 4096 records
+    data = fill(arena, [0, 1])
+    for round_ in range(6):
+        assert all(disk.write(arena, [(0, 0, 10 + round_), (1, 1, 20 + round_)]))
+    assert disk.stats.journal_compactions >= 1
+    assert os.path.getsize(os.path.join(directory, JOURNAL_NAME)) <= 64 * (1 + 2 + 8)
+    disk.close()
+    disk = DiskStorage(directory, 4, arena.slot_bytes, FP)
+    assert disk.recover() == [(0, 15), (1, 25)]
+    assert all(disk.read(arena, [(0, 2, 15), (1, 3, 25)]))
+    assert np.array_equal(arena.payload(2), data[0]) and np.array_equal(arena.payload(3), data[1])
+    disk.close()
+
+
 def test_files_are_private(tmp_path, disk):
     assert stat.S_IMODE(os.stat(disk.directory).st_mode) == 0o700
     for name in os.listdir(disk.directory):

@@ -200,12 +200,12 @@ def test_s3fifo_ghost_sends_returning_keys_to_main():
 
 
 def test_arc_touch_moves_block_to_frequent_list():
-    policy = ArcEviction(4)
-    for block_id in range(4):
+    policy = ArcEviction(10)  # T1's target p starts at half the pool
+    for block_id in range(10):
         policy.on_insert(block_id, block_id, 0)
-    policy.on_hit(0, 0)  # touch of an evictable block: it is used again -> T2
-    victims = [policy.victim() for _ in range(4)]
-    assert victims[-1] == 0 and sorted(victims) == [0, 1, 2, 3]
+    policy.on_hit(0, 0)  # touch of the oldest evictable block: used again -> T2
+    # T1 (9 blocks) is over its target: its oldest go first; block 0 is protected in T2.
+    assert [policy.victim() for _ in range(4)] == [1, 2, 3, 4]
 
 
 def test_tinylfu_keeps_frequent_over_new():

@@ -114,12 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from kvtier.errors import ConfigError
-    from kvtier.replay.capacity import (
-        bytes_per_token,
-        model_geometry,
-        parse_capacity,
-        parse_capacity_list,
-    )
+    from kvtier.replay.capacity import bytes_per_token, model_geometry, parse_capacity_list
     from kvtier.replay.simulator import CostModel
 
     comparing = args.capacities is not None
@@ -141,16 +136,20 @@ def _run(args: argparse.Namespace) -> int:
                               block_tokens=args.block_tokens, kv_factor=1 if args.mla else 2)
     cost = CostModel(bytes_per_token=bytes_per_token(geometry),
                      prefill_tokens_per_s=args.prefill_tokens_per_s)
-    trace = _load(args)
-    if args.save_trace:
-        trace.write_jsonl(args.save_trace)
-
+    # Check every argument before reading the trace (a typo should not wait for a big file).
     if comparing:
         from kvtier.replay.compare import compare_policies, parse_policies
         from kvtier.replay.report import comparison_table, plot_comparison
 
         capacities = parse_capacity_list(args.capacities, geometry.block_bytes)
         policies = parse_policies(args.policies)
+    else:
+        specs = _tier_specs(args, geometry.block_bytes)
+    trace = _load(args)
+    if args.save_trace:
+        trace.write_jsonl(args.save_trace)
+
+    if comparing:
         with _progress(args, len(trace) * len(capacities) * (len(policies) + 1)) as bar:
             rows = compare_policies(trace, capacities, policies, cost=cost,
                                     progress=bar.update if bar is not None else None,
@@ -167,20 +166,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     from kvtier.replay.report import replay_table
-    from kvtier.replay.simulator import TierSpec, replay
+    from kvtier.replay.simulator import replay
 
-    specs = []
-    for tier in Tier:
-        size = getattr(args, tier.name.lower())
-        if size is None:
-            continue
-        low = tier.name.lower()
-        specs.append(TierSpec(
-            tier, parse_capacity(size, geometry.block_bytes, name=f"--{low}"),
-            eviction=getattr(args, f"{low}_policy"),
-            admission=getattr(args, f"{low}_admission", None),
-            read_gbps=getattr(args, f"{low}_gbps", None)))
-    _check_policy_names(specs)
     with _progress(args, len(trace)) as bar:
         if bar is not None:
             bar.set_description("replay")
@@ -189,6 +176,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     return 0
+
+
+def _tier_specs(args: argparse.Namespace, block_bytes: int) -> list:
+    from kvtier.replay.capacity import parse_capacity
+    from kvtier.replay.simulator import TierSpec
+
+    specs = []
+    for tier in Tier:
+        size = getattr(args, tier.name.lower())
+        if size is None:
+            continue
+        low = tier.name.lower()
+        specs.append(TierSpec(
+            tier, parse_capacity(size, block_bytes, name=f"--{low}"),
+            eviction=getattr(args, f"{low}_policy"),
+            admission=getattr(args, f"{low}_admission", None),
+            read_gbps=getattr(args, f"{low}_gbps", None)))
+    _check_policy_names(specs)
+    return specs
 
 
 def _load(args: argparse.Namespace):

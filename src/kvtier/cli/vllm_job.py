@@ -79,7 +79,7 @@ def scrape_metrics(port: int) -> dict[str, float]:
         text = resp.read().decode()
     samples = {}
     for line in text.splitlines():
-        if line.startswith("kvtier_"):
+        if line.startswith("kvtier_") and "_created" not in line:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from kvtier.errors import ConfigError
 from kvtier.events.types import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
+if TYPE_CHECKING:
+    from typing import Self
+
 __all__ = ["ZmqEventPublisher", "encode_batch"]
 
-_WireHash = Union[int, bytes]
+_WireHash = int | bytes
 
 
 class _WireEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -161,7 +164,7 @@ class ZmqEventPublisher:
             self._context.term()
             self._context = None
 
-    def __enter__(self) -> ZmqEventPublisher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

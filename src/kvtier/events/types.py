@@ -7,7 +7,6 @@ them, AllBlocksCleared empties the set) holds exactly the keys that tier's pool 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 from kvtier.storage.block_format import BlockKey
 from kvtier.tiers import Tier
@@ -40,7 +39,7 @@ class AllBlocksCleared:
     tier: Tier | None = None
 
 
-KvEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class EventBuffer:

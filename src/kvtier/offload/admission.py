@@ -8,6 +8,8 @@ with ``make_admission_policy(name, **options)``. No torch, no I/O.
 from __future__ import annotations
 
 import abc
+import importlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -35,6 +37,8 @@ class AdmissionPolicy(abc.ABC):
 
 
 _POLICIES: dict[str, type[AdmissionPolicy]] = {}
+# Modules whose import registers more built-in policies (imported on first unknown name).
+_BUILTIN_MODULES = ("kvtier.offload.tinylfu",)
 
 
 def register_admission_policy(cls: type[AdmissionPolicy]) -> type[AdmissionPolicy]:
@@ -52,11 +56,28 @@ def register_admission_policy(cls: type[AdmissionPolicy]) -> type[AdmissionPolic
 
 
 def admission_policy_names() -> list[str]:
+    """Every registered policy name, built-in modules included."""
+    _import_builtin_modules()
     return sorted(_POLICIES)
 
 
+def _import_builtin_modules() -> None:
+    for module_name in _BUILTIN_MODULES:
+        if module_name in sys.modules:
+            continue
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+
+
 def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
+    """A policy by registered name; ``options`` go to its constructor."""
     cls = _POLICIES.get(name)
+    if cls is None:
+        _import_builtin_modules()
+        cls = _POLICIES.get(name)
     if cls is None:
         raise ConfigError(f"admission policy {name!r} is not known: use one of "
                           f"{', '.join(admission_policy_names())}")

@@ -14,8 +14,8 @@ from kvtier.tiers import Tier
 
 # Bytes/s priors, deliberately at the low end of what the reference machine measured.
 _PRIOR_BANDWIDTH = {Tier.G2: 4e9, Tier.G3: 0.7e9, Tier.G4: 0.3e9}
-# A load costs at least one extra engine step of waiting (asynchronous onboarding).
-_PRIOR_STEP_S = 0.005
+# Fixed cost of an asynchronous load: planning, a thread hand-off, completion polling.
+_LOAD_OVERHEAD_S = 0.001
 
 
 class Ewma:
@@ -57,7 +57,6 @@ class OnboardPolicy:
         # 0 = unknown: until the engine's prefill rate is measured, a tier hit is assumed to
         # win (true on every machine measured, where a tier moves >= 0.3 GB/s).
         self.prefill_rate = Ewma(prior_prefill_tokens_per_s)
-        self.step_s = Ewma(_PRIOR_STEP_S)
 
     # -- measurements -------------------------------------------------------------------
     def observe_transfer(self, tier: Tier, num_bytes: int, seconds: float) -> None:
@@ -68,7 +67,6 @@ class OnboardPolicy:
         """One engine step that computed ``num_prefill_tokens`` prompt tokens."""
         if seconds <= 0:
             return
-        self.step_s.update(seconds)
         # Small steps are dominated by fixed costs and would understate the rate.
         if num_prefill_tokens >= 4 * self.block_tokens:
             self.prefill_rate.update(num_prefill_tokens / seconds)
@@ -90,7 +88,7 @@ class OnboardPolicy:
         per_block = {t: self.block_bytes / bw.value for t, bw in self.bandwidth.items()}
         for k, tier in enumerate(tiers_of_blocks, start=1):
             load_s += per_block[tier]
-            cost = self.step_s.value + load_s + (n - k) * recompute_per_block
+            cost = _LOAD_OVERHEAD_S + load_s + (n - k) * recompute_per_block
             if cost < best_cost:
                 best_k, best_cost = k, cost
         return OnboardDecision(best_k, self._load_seconds(tiers_of_blocks[:best_k]),

@@ -46,6 +46,8 @@ class BlockState(enum.IntEnum):
 
 # Plain ints in the hot paths (IntEnum comparisons are slower).
 _RESET, _PARTIAL, _COMPLETE, _REGISTERED = 0, 1, 2, 3
+_REGISTERING = -1  # transient mark inside register(); never visible outside it
+_KEY_TYPES = frozenset({int, bytes})  # BlockKey, exactly (the hasher makes Python ints/bytes)
 
 
 class BlockPool:
@@ -240,34 +242,36 @@ class BlockPool:
                                           f"outside 0..{MAX_PRIORITY}")
         self._check_ids(block_ids)
         state = self._state
-        for block_id in block_ids:
-            if state[block_id] != _COMPLETE:
+        # Validate, marking each block so that one listed twice is caught in the same pass.
+        for idx, (block_id, key) in enumerate(zip(block_ids, keys)):
+            if state[block_id] != _COMPLETE or type(key) not in _KEY_TYPES:
+                twice = state[block_id] == _REGISTERING
+                for done in block_ids[:idx]:
+                    state[done] = _COMPLETE
+                if twice:
+                    raise BlockStateError(f"{self.tier.name} pool: block {block_id} appears "
+                                          "twice in one register call")
+                if type(key) not in _KEY_TYPES:
+                    raise self._key_error("register", block_id, key)
                 raise self._state_error(block_id, "register", "COMPLETE")
-        if num > 1 and len(set(block_ids)) != num:
-            dup = next(b for b, n in Counter(block_ids).items() if n > 1)
-            raise BlockStateError(f"{self.tier.name} pool: block {dup} appears twice in one "
-                                  "register call")
-        if None in keys:
-            raise BlockStateError(f"{self.tier.name} pool: register got a None key")
+            state[block_id] = _REGISTERING
 
-        ref, block_keys, block_priority = self._ref, self._key, self._priority
-        registry = self._registry
+        block_keys, block_priority = self._key, self._priority
+        setdefault = self._registry.setdefault
         canonical: list[int] = []
         append = canonical.append
-        for idx in range(num):
-            block_id = block_ids[idx]
-            key = keys[idx]
-            existing = registry.get(key)
-            if existing is None:
-                registry[key] = block_id
+        for idx, (block_id, key) in enumerate(zip(block_ids, keys)):
+            kept = setdefault(key, block_id)
+            if kept == block_id:
                 state[block_id] = _REGISTERED
                 block_keys[block_id] = key
                 block_priority[block_id] = priority if priorities is None else priorities[idx]
-                append(block_id)
             else:
-                self._take_ref(existing, key)
+                # Duplicate: keep the registered block, hand the new one back.
+                state[block_id] = _COMPLETE
+                self._take_ref(kept, key)
                 self._drop_ref(block_id)
-                append(existing)
+            append(kept)
         if self._events is not None:
             self._events.add(BlockStored(
                 list(keys), parent, self.block_size, self.tier,
@@ -413,9 +417,11 @@ class BlockPool:
             raise BlockStateError(f"{self.tier.name} pool: block {dup} appears twice in restore")
         seen: set[BlockKey] = set()
         for block_id, key in entries:
-            if key is None or key in registry or key in seen:
+            if type(key) not in _KEY_TYPES:
+                raise self._key_error("restore", block_id, key)
+            if key in registry or key in seen:
                 raise BlockStateError(f"{self.tier.name} pool: restore of block {block_id} "
-                                      f"under key {key!r}, which is already registered or None")
+                                      f"under key {key!r}, which is already registered")
             seen.add(key)
         on_insert = self._eviction.on_insert
         for block_id, key in entries:
@@ -492,6 +498,10 @@ class BlockPool:
         if block_ids and (min(block_ids) < 0 or max(block_ids) >= self.num_blocks):
             bad = next(b for b in block_ids if not 0 <= b < self.num_blocks)
             self._check_id(bad)
+
+    def _key_error(self, operation: str, block_id: int, key: object) -> BlockStateError:
+        return BlockStateError(f"{self.tier.name} pool: {operation} of block {block_id} under "
+                               f"key {key!r} of type {type(key).__name__}; keys are int or bytes")
 
     def _release_error(self, block_id: int, block_ids: Sequence[int]) -> BlockStateError:
         times = list(block_ids).count(block_id)

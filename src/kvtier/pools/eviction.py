@@ -6,8 +6,9 @@ and asks it for a ``victim`` when it needs a block. A policy owns only this orde
 owns states, references and the registry.
 
 Policies register by name with ``@register_policy``; ``make_eviction_policy`` builds one by
-name or by a ``"package.module.Class"`` path to a user class. Built-in policies are imported by
-``kvtier.pools`` so that their names are known.
+name or by a ``"package.module.Class"`` path to a user class. Names it does not know yet are
+looked up again after importing the built-in policy modules (``_BUILTIN_MODULES``), so that a
+config can name any built-in policy without importing its module first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import abc
 import bisect
 import importlib
+import sys
 from collections import OrderedDict
 from typing import ClassVar
 
@@ -51,10 +53,10 @@ class EvictionPolicy(abc.ABC):
         """Block ``block_id`` left the evictable set without eviction (matched again,
         discarded, cleared)."""
 
-    def on_hit(self, block_id: int, key: BlockKey) -> None:  # noqa: B027 - optional hook
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
         """A registered block was matched or touched (it may be active or inactive)."""
 
-    def on_miss(self, key: BlockKey) -> None:  # noqa: B027 - optional hook
+    def on_miss(self, key: BlockKey) -> None:
         """A match missed ``key`` (ghost-based policies learn from it)."""
 
     @abc.abstractmethod
@@ -67,6 +69,8 @@ class EvictionPolicy(abc.ABC):
 
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {}
+# Modules whose import registers more built-in policies (imported on first unknown name).
+_BUILTIN_MODULES = ("kvtier.pools.policies",)
 
 
 def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
@@ -84,18 +88,38 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
 
 
 def eviction_policy_names() -> list[str]:
+    """Every registered policy name, built-in modules included."""
+    _import_builtin_modules(_BUILTIN_MODULES)
     return sorted(_POLICIES)
 
 
 def make_eviction_policy(name_or_dotted_path: str, num_blocks: int) -> EvictionPolicy:
     """A policy for a pool of ``num_blocks`` blocks, by registered name or ``"pkg.mod.Class"``."""
     cls = _POLICIES.get(name_or_dotted_path)
+    if cls is None and _import_builtin_modules(_BUILTIN_MODULES):
+        cls = _POLICIES.get(name_or_dotted_path)
     if cls is None and "." in name_or_dotted_path:
         cls = _import_policy(name_or_dotted_path)
     if cls is None:
         raise ConfigError(f"eviction policy {name_or_dotted_path!r} is not known: use one of "
                           f"{', '.join(eviction_policy_names())} or a 'module.Class' path")
     return cls(num_blocks)
+
+
+def _import_builtin_modules(modules: tuple[str, ...]) -> bool:
+    """Import the modules that register built-in policies; False if none was new."""
+    imported = False
+    for module_name in modules:
+        if module_name in sys.modules:
+            continue
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        imported = True
+    return imported
 
 
 def _import_policy(path: str) -> type[EvictionPolicy]:
@@ -117,9 +141,10 @@ MAX_PRIORITY = 100  # priorities are ints 0..MAX_PRIORITY (KVBM's retention prio
 class LruEviction(EvictionPolicy):
     """KVBM's order: lowest priority first, then least recently returned or touched.
 
-    One insertion-ordered bucket per priority (an ``OrderedDict`` used as an O(1) ordered set)
-    and a sorted list of the priorities whose bucket is not empty; every operation is O(1)
-    except the first insert into / last removal from a priority, O(log #priorities).
+    One intrusive doubly linked list per priority over block ids (next/prev lists; list ``p``
+    has its sentinel at index ``num_blocks + p``) and a sorted list of the priorities whose list
+    is not empty. Every operation is O(1) and allocates nothing, except the first insert into /
+    last removal from a priority, O(#priorities in use).
     """
 
     name = "lru"
@@ -127,18 +152,23 @@ class LruEviction(EvictionPolicy):
 
     def __init__(self, num_blocks: int) -> None:
         super().__init__(num_blocks)
+        # Sentinels point at themselves: every list starts empty.
+        self._next = list(range(num_blocks + MAX_PRIORITY + 1))
+        self._prev = list(range(num_blocks + MAX_PRIORITY + 1))
         self._priority_of = [_NOT_HELD] * num_blocks
-        # One bucket per priority 0..MAX_PRIORITY, made up front (no lookups, no Nones).
-        self._buckets: list[OrderedDict[int, None]] = [OrderedDict()
-                                                       for _ in range(MAX_PRIORITY + 1)]
-        self._live_priorities: list[int] = []  # sorted, non-empty buckets only
+        self._live_priorities: list[int] = []  # sorted, non-empty lists only
         self._size = 0
 
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
-        bucket = self._buckets[priority]
-        if not bucket:
+        nxt, prev = self._next, self._prev
+        sentinel = self.num_blocks + priority
+        tail = prev[sentinel]
+        if tail == sentinel:
             bisect.insort(self._live_priorities, priority)
-        bucket[block_id] = None
+        nxt[tail] = block_id
+        prev[block_id] = tail
+        nxt[block_id] = sentinel
+        prev[sentinel] = block_id
         self._priority_of[block_id] = priority
         self._size += 1
 
@@ -146,25 +176,43 @@ class LruEviction(EvictionPolicy):
         priority = self._priority_of[block_id]
         if priority == _NOT_HELD:
             return
-        bucket = self._buckets[priority]
-        del bucket[block_id]
-        if not bucket:
+        nxt, prev = self._next, self._prev
+        before, after = prev[block_id], nxt[block_id]
+        nxt[before] = after
+        prev[after] = before
+        if before == after:  # only the sentinel is left
             self._live_priorities.remove(priority)
         self._priority_of[block_id] = _NOT_HELD
         self._size -= 1
 
     def on_hit(self, block_id: int, key: BlockKey) -> None:
         priority = self._priority_of[block_id]
-        if priority != _NOT_HELD:
-            self._buckets[priority].move_to_end(block_id)
+        if priority == _NOT_HELD:
+            return
+        nxt, prev = self._next, self._prev
+        sentinel = self.num_blocks + priority
+        tail = prev[sentinel]
+        if tail == block_id:
+            return
+        before, after = prev[block_id], nxt[block_id]
+        nxt[before] = after
+        prev[after] = before
+        nxt[tail] = block_id
+        prev[block_id] = tail
+        nxt[block_id] = sentinel
+        prev[sentinel] = block_id
 
     def victim(self) -> int | None:
         if not self._live_priorities:
             return None
         priority = self._live_priorities[0]
-        bucket = self._buckets[priority]
-        block_id, _ = bucket.popitem(last=False)
-        if not bucket:
+        nxt = self._next
+        sentinel = self.num_blocks + priority
+        block_id = nxt[sentinel]
+        after = nxt[block_id]
+        nxt[sentinel] = after
+        self._prev[after] = sentinel
+        if after == sentinel:
             del self._live_priorities[0]
         self._priority_of[block_id] = _NOT_HELD
         self._size -= 1

@@ -264,7 +264,7 @@ class S3FifoEviction(_ListPolicy):
         lists, freq = self._lists, self._freq
         while True:
             small = lists.sizes[_SMALL]
-            if small and (small > self._small_target or not lists.sizes[_MAIN]):
+            if small and (small >= self._small_target or not lists.sizes[_MAIN]):
                 block_id = lists.back(_SMALL)
                 lists.unlink(block_id)
                 if freq[block_id]:
@@ -295,7 +295,10 @@ class ArcEviction(_ListPolicy):
 
     T1 holds blocks used once, T2 blocks used again; ghosts B1/B2 remember keys evicted from
     each, and the target size ``p`` of T1 adapts: a ghost hit in B1 says T1 was too small, one
-    in B2 that T2 was. As in ZFS's ARC, ``p`` starts at half the pool.
+    in B2 that T2 was. As in ZFS's ARC, ``p`` starts at half the pool. Each ghost hit moves
+    ``p`` by one block (ARC scales the step by the ghost lists' size ratio): a prefix request
+    brings its ghost hits in bursts of a whole chain, and the scaled step made ``p`` swing from
+    one end to the other within a request.
 
     Extension: B1 keeps a longer history (``HISTORY_FACTOR`` x the pool, at most
     ``MAX_HISTORY`` keys), because a KV block weighs megabytes and its key a few bytes, and
@@ -343,8 +346,7 @@ class ArcEviction(_ListPolicy):
         if entry is not None:
             arc_b1_bound = max(1, capacity - lists.sizes[_T1])
             if self._t1_evictions - (entry >> 64) < arc_b1_bound:
-                self._p = min(capacity, self._p + max(1.0, len(b2) / min(len(b1) + 1,
-                                                                          arc_b1_bound)))
+                self._p = min(capacity, self._p + 1.0)
                 lists.push_front(_T2, block_id)
             elif self._t2_horizon < 0 or self._clock - (entry & _MASK64) <= self._t2_horizon:
                 lists.push_front(_T2, block_id)
@@ -352,8 +354,7 @@ class ArcEviction(_ListPolicy):
                 lists.push_front(_T1, block_id)
         elif key in b2:
             del b2[key]
-            arc_b1_size = max(1, min(len(b1), capacity - lists.sizes[_T1]))
-            self._p = max(0.0, self._p - max(1.0, arc_b1_size / max(1, len(b2))))
+            self._p = max(0.0, self._p - 1.0)
             lists.push_front(_T2, block_id)
         else:
             lists.push_front(_T1, block_id)
@@ -432,26 +433,25 @@ class TinyLfuEviction(_ListPolicy):
 
     def _victim(self) -> int:
         lists = self._lists
-        # The window's overflow joins probation's recent end as candidates (oldest judged
-        # first); probation's least recent block is main's victim. As in Caffeine's
-        # evictFromMain: the less frequent of candidate and victim goes, a tie evicts the
-        # candidate, and if only one of them exists (or they are the same block) it goes.
+        keys, estimate = self._keys, self._sketch.estimate
+        # The window's overflow queues up as candidates for main, oldest judged first.
         while lists.sizes[_WINDOW] > self._window_target:
             lists.move_to_front(_PENDING, lists.back(_WINDOW))
-        candidate = lists.back(_PENDING)
-        victim = lists.back(_PROBATION)
-        if victim == _NONE:
-            victim = candidate
-        if candidate == _NONE or victim == candidate:
-            if victim == _NONE:
-                segment = _PROTECTED if lists.sizes[_PROTECTED] else _WINDOW
-                victim = lists.back(segment)
-            lists.unlink(victim)
-            return victim
-        keys = self._keys
-        if self._sketch.estimate(keys[candidate]) > self._sketch.estimate(keys[victim]):
-            lists.move_to_front(_PROBATION, candidate)  # admitted: a plain probation block
-            lists.unlink(victim)
-            return victim
-        lists.unlink(candidate)
-        return candidate
+        while True:
+            candidate = lists.back(_PENDING)
+            incumbent = lists.back(_PROBATION)
+            if incumbent == _NONE:
+                incumbent = lists.back(_PROTECTED)
+            if candidate == _NONE:
+                victim = incumbent if incumbent != _NONE else lists.back(_WINDOW)
+                lists.unlink(victim)
+                return victim
+            if incumbent == _NONE:  # main is empty: nothing to beat
+                lists.move_to_front(_PROBATION, candidate)
+                continue
+            if estimate(keys[candidate]) >= estimate(keys[incumbent]):
+                lists.move_to_front(_PROBATION, candidate)
+                lists.unlink(incumbent)
+                return incumbent
+            lists.unlink(candidate)
+            return candidate

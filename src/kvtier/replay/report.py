@@ -100,5 +100,9 @@ def plot_comparison(rows: Sequence[ComparisonRow], path: str | os.PathLike[str],
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise ConfigError(f"cannot write chart {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)

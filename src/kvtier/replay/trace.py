@@ -68,10 +68,13 @@ class Trace:
         return dataclasses.replace(self, requests=self.requests[:num_requests])
 
     def write_jsonl(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as out:
-            for request in self.requests:
-                out.write(request.to_json())
-                out.write("\n")
+        try:
+            with open(path, "w", encoding="utf-8") as out:
+                for request in self.requests:
+                    out.write(request.to_json())
+                    out.write("\n")
+        except OSError as exc:
+            raise TraceError(f"cannot write trace {path}: {exc.strerror or exc}") from exc
 
 
 def load_trace(path: str | os.PathLike[str], *, block_tokens: int = MOONCAKE_BLOCK_TOKENS,

@@ -191,6 +191,7 @@ class DiskStorage:
         self._keys: list[BlockKey | None] = []  # slot -> key of the durable block there
         self._lock_fd = self._data_fd = self._journal_fd = -1
         self._journal_records = 0
+        self._compact_after = 2 * num_slots + 4096  # records, before an online compaction
         self._pool: ThreadPoolExecutor | None = None
         try:
             self._open(o_direct)
@@ -304,7 +305,11 @@ class DiskStorage:
                             self.directory, other)
         for slot, (_fp, key) in live.items():
             self._keys[slot] = key
-        self._rewrite_journal()
+        try:
+            self._rewrite_journal()
+        except OSError as exc:
+            raise StorageError(f"disk tier: cannot write the journal {self.journal_path!r}: "
+                               f"{exc.strerror or exc}") from exc
         logger.info("disk tier %s: %d slots x %d B, recovered %d blocks, %s I/O",
                     self.directory, self.num_slots, self.slot_bytes, len(live),
                     "O_DIRECT" if self.o_direct else "buffered")
@@ -324,18 +329,28 @@ class DiskStorage:
             os.close(fd)
         os.replace(tmp, self.journal_path)
         _fsync_dir(self.directory)
-        if self._journal_fd >= 0:
-            os.close(self._journal_fd)
-        self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        new_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        old_fd, self._journal_fd = self._journal_fd, new_fd
+        if old_fd >= 0:
+            os.close(old_fd)
         self._journal_records = len(records) - 1
 
     def _append_journal(self, records: list[bytes]) -> None:
-        """Append and make durable (caller holds the lock); compact when it grew large."""
+        """Append and make durable (caller holds the lock)."""
         _write_all(self._journal_fd, b"".join(records))
         os.fdatasync(self._journal_fd)
         self._journal_records += len(records)
-        if self._journal_records > 4 * self.num_slots + 4096:
-            self._rewrite_journal()
+
+    def _maybe_compact(self) -> None:
+        """Rewrite a journal grown large (caller holds the lock and has updated the index)."""
+        if self._journal_records > self._compact_after:
+            try:
+                self._rewrite_journal()
+            except OSError as exc:  # the long journal is still valid: keep appending to it
+                logger.warning("disk tier %s: journal compaction failed: %s", self.directory,
+                               exc)
+                self._compact_after += self.num_slots + 4096  # do not retry on every write
+                return
             self.stats.journal_compactions += 1
 
     # -- index ------------------------------------------------------------------------------
@@ -385,6 +400,7 @@ class DiskStorage:
             for s in slots:
                 self._keys[s] = None
             self.stats.invalidated += len(slots)
+            self._maybe_compact()
 
     def _check_slot(self, slot: int) -> int:
         if not 0 <= slot < self.num_slots:
@@ -491,6 +507,7 @@ class DiskStorage:
                                                        keys[i]) for i in written])
                     for i in written:
                         self._keys[disk_slots[i]] = keys[i]
+                    self._maybe_compact()
             except OSError as exc:
                 errors[errno.errorcode.get(exc.errno, str(exc.errno))] += len(written)
                 for i in written:

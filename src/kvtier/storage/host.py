@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PAGE_BYTES = 4096
 _PREFAULT_CHUNK = 64 << 20
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 
 
 def slot_bytes_for(geometry: KVGeometry) -> int:
@@ -75,17 +76,21 @@ class HostArena:
         self.prefault_seconds = 0.0
         if prefault:
             start = time.perf_counter()
-            for offset in range(0, self.nbytes, _PREFAULT_CHUNK):
-                self._array[offset:offset + _PREFAULT_CHUNK] = 0
+            try:  # the kernel faults pages in without a user-space pass: ~2x faster
+                self._mmap.madvise(_MADV_POPULATE_WRITE)
+            except (OSError, ValueError):  # kernel < 5.14
+                for offset in range(0, self.nbytes, _PREFAULT_CHUNK):
+                    self._array[offset:offset + _PREFAULT_CHUNK] = 0
             self.prefault_seconds = time.perf_counter() - start
             logger.info("host arena: pre-faulted %d slots x %d B (%.2f GB) in %.2f s",
                         num_slots, self.slot_bytes, self.nbytes / 1e9, self.prefault_seconds)
         if mlock:
             self._mlock()
         if pin is None:
-            pin = _cuda_available()
-        if pin:
-            self._pin()
+            if _cuda_available():
+                self._pin(required=False)
+        elif pin:
+            self._pin(required=True)
 
     # -- memory management ----------------------------------------------------------------
 
@@ -100,7 +105,7 @@ class HostArena:
         logger.info("host arena: mlock of %.2f GB took %.2f s", self.nbytes / 1e9,
                     time.perf_counter() - start)
 
-    def _pin(self) -> None:
+    def _pin(self, required: bool) -> None:
         if not _cuda_available():
             raise StorageError("pinned host arena requested but CUDA is not available")
         import torch
@@ -109,6 +114,9 @@ class HostArena:
         rc = torch.cuda.cudart().cudaHostRegister(self.base_addr, self.nbytes, 0)
         code = int(rc.value) if hasattr(rc, "value") else int(rc)
         if code != 0:
+            if required:
+                raise StorageError(f"cannot pin the {self.nbytes}-byte host arena "
+                                   f"(cudaHostRegister error {code})")
             logger.warning("host arena: cudaHostRegister failed (error %d); device copies "
                            "will be synchronous", code)
             return

@@ -76,6 +76,7 @@ CORRUPT = -2   # the stored value cannot be this block (wrong size)
 FULL = -3      # the store declined the put (no room); not a health problem
 FAILED = -4    # the store failed this key (transfer error, server error)
 DOWN = -5      # the store is unreachable; the backend turns unhealthy
+TIMEOUT = -6   # the client's own timeout fired (e.g. a socket timeout); unhealthy too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +455,10 @@ class RemoteBackend(abc.ABC):
                                len(result), num)
                 self._count(errors=1)
                 return [FAILED] * num
-            if DOWN in result:
+            if TIMEOUT in result:
+                self._healthy = False
+                self._count(timeouts=1)
+            elif DOWN in result:
                 self._healthy = False
                 self._count(errors=1)
             elif FAILED in result:

@@ -23,6 +23,7 @@ from kvtier.storage.remote.base import (
     DOWN,
     FAILED,
     FULL,
+    TIMEOUT,
     RemoteBackend,
     _describe,
     register_backend,
@@ -69,8 +70,7 @@ class RedisBackend(RemoteBackend):
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("redis store %s lost: %s", self.url, self._scrub(_describe(exc)))
-            return [DOWN] * len(names)
+            return self._lost(exc, len(names))
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
@@ -87,8 +87,7 @@ class RedisBackend(RemoteBackend):
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("redis store %s lost: %s", self.url, self._scrub(_describe(exc)))
-            return [DOWN] * len(names)
+            return self._lost(exc, len(names))
         return [FAILED if isinstance(reply, Exception) else reply for reply in replies]
 
     def _exists(self, names: list[str]) -> list[int]:
@@ -97,9 +96,17 @@ class RedisBackend(RemoteBackend):
             pipe.exists(name)
         try:
             replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):
-            return [DOWN] * len(names)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return self._lost(exc, len(names))
         return [FAILED if isinstance(reply, Exception) else int(reply) for reply in replies]
+
+    def _lost(self, exc: Exception, num: int) -> list[int]:
+        if isinstance(exc, redis.TimeoutError):
+            logger.warning("redis store %s did not answer within %.2f s", self.url,
+                           self.timeout_s)
+            return [TIMEOUT] * num
+        logger.warning("redis store %s lost: %s", self.url, self._scrub(_describe(exc)))
+        return [DOWN] * num
 
     def _remove(self, names: list[str]) -> None:
         self._client.delete(*names)

@@ -1,0 +1,86 @@
+import logging
+
+import pytest
+
+from kvtier.config import KvtierConfig, load_config, redact_url
+from kvtier.errors import ConfigError
+
+
+def test_defaults_have_no_tiers():
+    cfg = load_config({}, env={})
+    assert not cfg.has_host and not cfg.has_disk and not cfg.has_remote
+
+
+def test_extra_config_values_are_coerced():
+    cfg = load_config({"host_cache_gb": "4", "disk_cache_gb": 20, "disk_dir": "/tmp/x",
+                       "disk_o_direct": "false", "metrics_port": "9100"}, env={})
+    assert cfg.host_cache_gb == 4.0 and cfg.disk_cache_gb == 20.0
+    assert cfg.disk_o_direct is False and cfg.metrics_port == 9100
+
+
+def test_precedence_file_then_aliases_then_env_then_extra(tmp_path, caplog):
+    f = tmp_path / "kvtier.toml"
+    f.write_text('[kvtier]\nhost_cache_gb = 1\ndisk_cache_gb = 2\ndisk_dir = "/a"\n')
+    env = {"KVTIER_CONFIG": str(f), "DYN_KVBM_DISK_CACHE_GB": "3", "KVTIER_HOST_CACHE_GB": "5"}
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config({"disk_dir": "/b"}, env=env)
+    assert (cfg.host_cache_gb, cfg.disk_cache_gb, cfg.disk_dir) == (5.0, 3.0, "/b")
+    assert "DYN_KVBM_DISK_CACHE_GB is deprecated" in caplog.text
+
+
+def test_yaml_file(tmp_path):
+    f = tmp_path / "k.yaml"
+    f.write_text("host_cache_blocks: 128\nhost_eviction_policy: fifo\n")
+    cfg = load_config(env={"KVTIER_CONFIG": str(f)})
+    assert cfg.host_cache_blocks == 128 and cfg.host_eviction_policy == "fifo"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"host_cache_gbs": 1}, "unknown setting 'host_cache_gbs'"),
+    ({"host_cache_gb": "lots"}, "host_cache_gb='lots'"),
+    ({"host_cache_gb": -1}, "host_cache_gb=-1.0 is not allowed"),
+    ({"disk_cache_gb": 1}, "disk_dir is required"),
+    ({"disk_admission": "sometimes"}, "disk_admission='sometimes' is not allowed"),
+    ({"offload_min_priority": 101}, "use 0..100"),
+    ({"metrics_port": 70000}, "metrics_port=70000"),
+    ({"max_concurrent_transfers": 0}, "must be > 0"),
+    ({"host_eviction_policy": "random"}, "host_eviction_policy='random'"),
+    ({"disk_o_direct": "maybe"}, "disk_o_direct='maybe'"),
+    ({"remote_url": "localhost:6379"}, "remote_url="),
+])
+def test_bad_values_name_the_key(extra, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(extra, env={})
+    assert fragment in str(err.value)
+
+
+def test_unknown_env_key_is_rejected():
+    with pytest.raises(ConfigError, match="KVTIER_HOST_CACHE"):
+        load_config(env={"KVTIER_HOST_CACHE": "1"})
+
+
+def test_bad_file_is_reported(tmp_path):
+    f = tmp_path / "k.toml"
+    f.write_text("host_cache_gb = = 1")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_config(env={"KVTIER_CONFIG": str(f)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={"KVTIER_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_credentials_never_shown():
+    url = "redis://:s3cret@127.0.0.1:6379/0"
+    assert "s3cret" not in redact_url(url)
+    cfg = load_config({"remote_url": url}, env={})
+    assert "s3cret" not in str(cfg.describe())
+    with pytest.raises(ConfigError) as err:
+        load_config({"remote_url": ":s3cret@host"}, env={})
+    assert "s3cret" not in str(err.value)
+    assert "s3cret" not in redact_url("mooncake://user:s3cret@h:1?metadata=x")
+
+
+def test_blocks_win_over_gb():
+    cfg = KvtierConfig(host_cache_gb=1, host_cache_blocks=10)
+    assert cfg.num_blocks(cfg.host_cache_gb, cfg.host_cache_blocks, 1 << 20) == 10
+    cfg = KvtierConfig(host_cache_gb=1)
+    assert cfg.num_blocks(cfg.host_cache_gb, cfg.host_cache_blocks, 10**6) == 1000
