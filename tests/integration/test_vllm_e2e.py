@@ -23,8 +23,8 @@ CONNECTOR = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm"}
 @pytest.fixture(scope="module")
 def prompts():
     # 2 conversations x 3 turns; turn 1 ~1k tokens, turn 3 ~8k tokens.
-    return conversation_prompts(num_users=2, num_turns=3, system_words=900,
-                                turn_words=3400, seed=7)
+    return conversation_prompts(num_users=2, num_turns=3, system_words=600,
+                                turn_words=[400, 3500, 3500], seed=7)
 
 
 @pytest.fixture(scope="module")

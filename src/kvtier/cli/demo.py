@@ -24,16 +24,19 @@ from kvtier.cli.vllm_job import run_job_process
 
 
 def conversation_prompts(num_users: int, num_turns: int, system_words: int,
-                         turn_words: int, seed: int = 0) -> list[list[str]]:
-    """prompts[turn][user]: a shared system prompt, then each user's growing history."""
+                         turn_words: int | list[int], seed: int = 0) -> list[list[str]]:
+    """prompts[turn][user]: a shared system prompt, then each user's growing history
+    (``turn_words`` new words per turn, or a list with one count per turn)."""
     rng = random.Random(seed)
+    if isinstance(turn_words, int):
+        turn_words = [turn_words] * num_turns
     system = random_words(rng, system_words)
     histories = [system] * num_users
     prompts = []
-    for _ in range(num_turns):
+    for turn in range(num_turns):
         row = []
         for u in range(num_users):
-            histories[u] = f"{histories[u]} {random_words(rng, turn_words)}"
+            histories[u] = f"{histories[u]} {random_words(rng, turn_words[turn])}"
             row.append(histories[u])
             # The assistant's reply joins the history for the next turn.
             histories[u] = f"{histories[u]} {random_words(rng, 32)}"

@@ -13,9 +13,9 @@ the key of every block it holds and treats such a re-insert as the hit (ARC: mov
 S3-FIFO: count it; W-TinyLFU: promote). ``touch`` reports a hit on a block that stays
 evictable (``on_hit`` on a block still in the lists). Ghost histories hold keys only.
 
-A block released tail-first (as vLLM and the replay do) enters every list deepest-first, so
-within one request the policies give up a chain's tail before its head: prefix blocks are
-never kept while their parent is dropped, unless the policy judges the parent colder.
+A request released tail-first (as vLLM and the replay do) enters every list deepest block
+first, so among blocks of equal standing a chain's tail goes before its head (a prefix cache
+can only hit a block whose parent hits).
 
 Priorities: every policy here orders priority-0 blocks (the pool's default) with its own
 algorithm; blocks registered with a priority above 0 are kept out of it and evicted after all
@@ -54,7 +54,7 @@ class _Lists:
     back the next to go. ``owner[b]`` is the list holding ``b`` (or -1).
     """
 
-    __slots__ = ("prev", "next", "owner", "sizes", "_base")
+    __slots__ = ("_base", "next", "owner", "prev", "sizes")
 
     def __init__(self, num_blocks: int, num_lists: int) -> None:
         size = num_blocks + num_lists
@@ -149,6 +149,8 @@ class _ListPolicy(EvictionPolicy):
     def on_hit(self, block_id: int, key: BlockKey) -> None:
         if self._lists.owner[block_id] != _NONE:
             self._touch(block_id, key)
+        else:
+            self._prioritized.on_hit(block_id, key)  # no-op unless it holds the block
 
     def victim(self) -> int | None:
         if self._lists.total():
@@ -391,8 +393,12 @@ class TinyLfuEviction(_ListPolicy):
     New blocks enter a small LRU window (1 % of the pool). Blocks leaving the window are
     candidates for main, a segmented LRU (probation 20 %, protected 80 %; a hit in probation
     promotes). A candidate gets in only by beating main's next victim on estimated frequency (a
-    count-min sketch over recent accesses, aged by halving); the loser is evicted. Frequent
+    count-min sketch over recent accesses, aged by halving); a tie admits the candidate (the
+    blocks of one prefix chain have equal counts, and the newer chain should win). Frequent
     blocks thus survive bursts of one-time prompts that would flush an LRU.
+
+    Caffeine also resizes the window by hill climbing; here it stays at 1 %, which favours
+    frequency: on recency-driven traffic (a working set that just fits) it trails LRU.
     """
 
     name = "tinylfu"

@@ -25,8 +25,9 @@ def comparison_table(rows: Sequence[ComparisonRow], baseline: str = "lru") -> st
     """One line per (capacity, policy): hit ratios, x baseline, fraction of Belady."""
     base = {r.capacity_blocks: r.block_hit_ratio for r in rows if r.policy == baseline}
     bound = {r.capacity_blocks: r.block_hit_ratio for r in rows if r.policy == BELADY}
-    lines = [f"{'capacity':>9}  {'policy':<24} {'block hit':>9} {'token hit':>9} "
-             f"{'x ' + baseline:>8} {'of belady':>9}"]
+    header = (f"{'capacity':>9}  {'policy':<24} {'block hit':>9} {'token hit':>9} "
+              f"{'x ' + baseline:>8} {'of belady':>9}")
+    lines = [header]
     for row in rows:
         ref = base.get(row.capacity_blocks)
         opt = bound.get(row.capacity_blocks)
@@ -40,12 +41,12 @@ def comparison_table(rows: Sequence[ComparisonRow], baseline: str = "lru") -> st
 def replay_table(result: ReplayResult) -> str:
     """Per-tier hits, bytes moved and the TTFT estimate of a tiered replay."""
     total = result.total
-    lines = [f"trace: {result.source}",
-             f"requests {total.num_requests}, blocks {total.blocks_total} of "
+    sizes = (f"requests {total.num_requests}, blocks {total.blocks_total} of "
              f"{result.block_tokens} tokens ({_bytes(result.block_bytes)} each), "
-             f"tokens {total.tokens_total}",
-             f"{'tier':<4} {'capacity':>18} {'eviction':<10} {'admission':<10} "
-             f"{'block hit':>9} {'token hit':>9} {'onboard':>11} {'written':>11} {'rejected':>9}"]
+             f"tokens {total.tokens_total}")
+    header = (f"{'tier':<4} {'capacity':>18} {'eviction':<10} {'admission':<10} {'block hit':>9} "
+              f"{'token hit':>9} {'onboard':>11} {'written':>11} {'rejected':>9}")
+    lines = [f"trace: {result.source}", sizes, header]
     for t in result.tiers:
         capacity = f"{t.num_blocks} ({_bytes(t.num_blocks * result.block_bytes)})"
         lines.append(

@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+# Importing registers the extra eviction policies and the tinylfu admission policy by name.
+import kvtier.offload.tinylfu
 from kvtier.errors import ConfigError
 from kvtier.offload.admission import AdmissionPolicy, make_admission_policy
 from kvtier.pools.block_pool import BlockPool
@@ -40,8 +42,7 @@ from kvtier.replay.stats import HitStats
 from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
 
-# Importing registers the extra eviction policies and the tinylfu admission policy by name.
-import kvtier.offload.tinylfu  # noqa: F401  isort: skip
+# Registers the extra eviction policies (and, through them, the tinylfu admission policy).
 import kvtier.pools.policies  # noqa: F401  isort: skip
 
 # Read bandwidth into the device per tier (GB/s, 10**9 bytes) when none is given: pinned host
@@ -148,7 +149,7 @@ class ReplayResult:
 
 
 class _TierState:
-    __slots__ = ("spec", "pool", "admission", "stats", "seconds_per_token", "onboard")
+    __slots__ = ("admission", "onboard", "pool", "seconds_per_token", "spec", "stats")
 
     def __init__(self, spec: TierSpec, pool: BlockPool, admission: AdmissionPolicy | None,
                  stats: TierStats, seconds_per_token: float, onboard: bool) -> None:

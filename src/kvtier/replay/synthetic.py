@@ -67,8 +67,16 @@ class MultiRoundQASpec:
 class _User:
     """One conversation: its token segments and the ids of its full blocks so far."""
 
-    __slots__ = ("uid", "rounds", "round_idx", "segments", "num_tokens", "full_ids",
-                 "question_lens", "answer_lens")
+    __slots__ = (
+        "answer_lens",
+        "full_ids",
+        "num_tokens",
+        "question_lens",
+        "round_idx",
+        "rounds",
+        "segments",
+        "uid",
+    )
 
     def __init__(self, uid: int, rounds: int, history: int, question_lens: list[int],
                  answer_lens: list[int], system_tokens: int) -> None:

@@ -39,6 +39,7 @@ import xxhash
 from typing_extensions import Self
 
 from kvtier.errors import StorageError
+from kvtier.storage import faults
 from kvtier.storage.block_format import HEADER_BYTES, BlockKey, key_bytes
 from kvtier.storage.host import PAGE_BYTES, HostArena
 
@@ -441,7 +442,9 @@ class DiskStorage:
             buffers = [arena.slot_view(s) for s in arena_slots[done:]]
             offset = (first_slot + done) * self.slot_bytes
             try:
-                if write:
+                if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
+                    moved = faults.vector_io(write, self._data_fd, buffers, offset)
+                elif write:
                     moved = os.pwritev(self._data_fd, buffers, offset)
                 else:
                     moved = os.preadv(self._data_fd, buffers, offset)
@@ -501,6 +504,8 @@ class DiskStorage:
         written = [i for i in range(n) if ok[i]]
         if written:
             try:
+                if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
+                    faults.before_sync()
                 os.fdatasync(self._data_fd)
                 with self._lock:
                     self._append_journal([_pack_record(_OP_ADD, disk_slots[i], self.fingerprint,

@@ -44,7 +44,7 @@ from urllib.parse import quote, unquote
 
 from kvtier.config import redact_url
 from kvtier.errors import BlockFormatError, ConfigError, StorageError, TransferError
-from kvtier.storage import block_format
+from kvtier.storage import block_format, faults
 from kvtier.storage.block_format import HEADER_BYTES, BlockKey
 
 if TYPE_CHECKING:
@@ -284,7 +284,10 @@ class RemoteBackend(abc.ABC):
         if num == 0:
             return []
         names = [remote_key(self.namespace, key) for key in keys]
-        codes = self._run_batch(self._store, num, names, views)
+        store = self._store
+        if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
+            store = faults.remote_call("remote.put", store, self.timeout_s)
+        codes = self._run_batch(store, num, names, views)
         ok = [code >= 0 for code in codes]
         stored_bytes = sum(view.nbytes for view, good in zip(views, ok) if good)
         num_ok = sum(ok)
@@ -304,7 +307,10 @@ class RemoteBackend(abc.ABC):
         if num == 0:
             return []
         names = [remote_key(self.namespace, key) for key in keys]
-        fetched = self._run_batch(self._fetch, num, names, views)
+        fetch = self._fetch
+        if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
+            fetch = faults.remote_call("remote.get", fetch, self.timeout_s)
+        fetched = self._run_batch(fetch, num, names, views)
         ok = [False] * num
         corrupt: list[str] = []
         got_bytes = 0
