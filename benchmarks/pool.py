@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small run (< 40 s)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
-    num_requests = 1000 if args.quick else 3000
+    num_requests = 800 if args.quick else 3000
     repeats = args.repeats or (7 if args.quick else 11)
     capacity, num_prefixes, prefix_blocks, unique_blocks = 4096, 16, 32, 24
 

@@ -619,3 +619,32 @@ def test_lru_policy_alone():
     assert len(policy) == 3
     assert [policy.victim() for _ in range(4)] == [3, 1, 0, None]
     assert isinstance(policy, EvictionPolicy)
+
+
+class _InsertLoggingPolicy(LruEviction):
+    """Overrides on_insert only: the pool must not bypass it through LRU's batch form."""
+
+    name = "test-insert-logging"
+
+    def __init__(self, num_blocks):
+        super().__init__(num_blocks)
+        self.inserted = []
+
+    def on_insert(self, block_id, key, priority):
+        super().on_insert(block_id, key, priority)
+        self.inserted.append((block_id, key, priority))
+
+
+@pytest.mark.parametrize("eviction", ["lru", "fifo", "logging"])
+def test_release_hands_blocks_to_the_policy_in_order(eviction):
+    policy = _InsertLoggingPolicy(4) if eviction == "logging" else eviction
+    pool = make_pool(4, eviction=policy)
+    ids = pool.allocate(3)
+    pool.complete(ids)
+    pool.register(ids, [b"a", b"b", b"c"], priority=[0, 7, 0])
+    pool.release([ids[1], ids[2], ids[0]])
+    if eviction == "logging":
+        assert policy.inserted == [(ids[1], b"b", 7), (ids[2], b"c", 0), (ids[0], b"a", 0)]
+    order = [pool.allocate(1)[0] for _ in range(2)]  # 1 free block, then the first victim
+    assert order[1] == (ids[1] if eviction == "fifo" else ids[2])
+    pool.check_invariants()

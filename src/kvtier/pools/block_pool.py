@@ -25,6 +25,7 @@ intrusive (next/prev lists with a sentinel), so the hot operations create no per
 from __future__ import annotations
 
 import enum
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -50,6 +51,11 @@ _REGISTERING = -1  # transient mark inside register(); never visible outside it
 _KEY_TYPES = frozenset({int, bytes})  # BlockKey, exactly (the hasher makes Python ints/bytes)
 
 
+def _defined_in(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO whose body defines ``name``."""
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
 class BlockPool:
     """Fixed-capacity block bookkeeping for one tier (see the module doc)."""
 
@@ -70,6 +76,10 @@ class BlockPool:
         self._wants_hits = policy_cls.on_hit is not EvictionPolicy.on_hit
         self._wants_active_hits = self._wants_hits and policy_cls.hits_while_active
         self._wants_misses = policy_cls.on_miss is not EvictionPolicy.on_miss
+        if _defined_in(policy_cls, "on_insert_batch") is _defined_in(policy_cls, "on_insert"):
+            self._insert_batch = eviction.on_insert_batch
+        else:
+            self._insert_batch = functools.partial(EvictionPolicy.on_insert_batch, eviction)
 
         self._state = [_RESET] * num_blocks
         self._ref = [0] * num_blocks
@@ -346,32 +356,32 @@ class BlockPool:
         self._check_ids(block_ids)
         ref = self._ref
         # Phase 1, references only, so that a bad id can be undone exactly.
-        unreferenced: list[int] = []
+        state = self._state
+        inactivated: list[int] = []  # registered blocks that lost their last reference
+        freed: list[int] = []  # other blocks that did
         for idx, block_id in enumerate(block_ids):
             count = ref[block_id]
             if count == 1:
                 ref[block_id] = 0
-                unreferenced.append(block_id)
+                if state[block_id] == _REGISTERED:
+                    inactivated.append(block_id)
+                else:
+                    freed.append(block_id)
             elif count:
                 ref[block_id] = count - 1
             else:
                 for done in block_ids[:idx]:
                     ref[done] += 1
                 raise self._release_error(block_id, block_ids)
-        # Phase 2: blocks without references become inactive (registered) or free.
-        state, keys, priority = self._state, self._key, self._priority
-        on_insert = self._eviction.on_insert
-        num_freed = 0
-        for block_id in unreferenced:
-            if state[block_id] == _REGISTERED:
-                on_insert(block_id, keys[block_id], priority[block_id])
-            else:
-                state[block_id] = _RESET
-                self._push_free(block_id)
-                num_freed += 1
-        self._num_active -= len(unreferenced)
-        self._num_inactive += len(unreferenced) - num_freed
-        self._num_free += num_freed
+        # Phase 2: registered blocks become inactive (evictable), the others free.
+        if inactivated:
+            self._insert_batch(inactivated, self._key, self._priority)
+        for block_id in freed:
+            state[block_id] = _RESET
+            self._push_free(block_id)
+        self._num_active -= len(inactivated) + len(freed)
+        self._num_inactive += len(inactivated)
+        self._num_free += len(freed)
 
     def discard(self, keys: Iterable[BlockKey]) -> int:
         """Unregister ``keys`` (e.g. their bytes failed a checksum). Inactive blocks are freed

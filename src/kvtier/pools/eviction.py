@@ -18,6 +18,7 @@ import bisect
 import importlib
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import ClassVar
 
 from kvtier.errors import ConfigError
@@ -52,6 +53,17 @@ class EvictionPolicy(abc.ABC):
     def on_remove(self, block_id: int) -> None:
         """Block ``block_id`` left the evictable set without eviction (matched again,
         discarded, cleared)."""
+
+    def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
+                        priority_of: Sequence[int]) -> None:
+        """Optional batch form of ``on_insert``: ``block_ids`` became evictable, in this order;
+        ``key_of[b]`` and ``priority_of[b]`` are block ``b``'s key and priority. The default
+        calls ``on_insert`` per block. The pool uses an override only when the class that
+        defines it also defines ``on_insert`` (so a subclass that changes ``on_insert`` alone
+        is never bypassed)."""
+        on_insert = self.on_insert
+        for block_id in block_ids:
+            on_insert(block_id, key_of[block_id], priority_of[block_id])
 
     def on_hit(self, block_id: int, key: BlockKey) -> None:
         """A registered block was matched or touched (it may be active or inactive)."""
@@ -171,6 +183,24 @@ class LruEviction(EvictionPolicy):
         prev[sentinel] = block_id
         self._priority_of[block_id] = priority
         self._size += 1
+
+    def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
+                        priority_of: Sequence[int]) -> None:
+        # on_insert, inlined: release hands over a request's blocks at once.
+        nxt, prev, priority_held = self._next, self._prev, self._priority_of
+        base = self.num_blocks
+        for block_id in block_ids:
+            priority = priority_of[block_id]
+            sentinel = base + priority
+            tail = prev[sentinel]
+            if tail == sentinel:
+                bisect.insort(self._live_priorities, priority)
+            nxt[tail] = block_id
+            prev[block_id] = tail
+            nxt[block_id] = sentinel
+            prev[sentinel] = block_id
+            priority_held[block_id] = priority
+        self._size += len(block_ids)
 
     def on_remove(self, block_id: int) -> None:
         priority = self._priority_of[block_id]
