@@ -1,10 +1,12 @@
 """`kvtier demo`: a real vLLM serving evicted conversation prefixes from kvtier's tiers.
 
 Three engines, one after the other, on a tiny random-weight Llama (no download):
-  1. vLLM alone: every turn recomputes its whole conversation (the device cache is too small
-     to keep them and is reset between turns);
-  2. vLLM + kvtier (host + disk tiers under a temp dir): turns reload their history from G2;
-  3. the same kvtier set-up after a restart: the host tier is gone, histories load from G3.
+  1. vLLM alone: every turn recomputes its whole conversation (the device cache is reset
+     before every prompt, as if it were too small to keep the conversations);
+  2. vLLM + kvtier (host + disk tiers under a temp dir) on all turns but the last: turns
+     reload their history from the host tier (G2);
+  3. a new vLLM + kvtier process on the last turn: the host tier died with the old process,
+     the histories load from the disk tier (G3).
 It prints TTFT per turn for each, tokens served per tier, whether outputs are identical, and
 writes a PNG chart of TTFT per turn.
 """
@@ -48,8 +50,8 @@ def build_parser(sub) -> None:
     p = sub.add_parser("demo", help="run vLLM with and without kvtier on a multi-turn chat")
     p.add_argument("--users", type=int, default=3)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-words", type=int, default=1024)
-    p.add_argument("--turn-words", type=int, default=1200)
+    p.add_argument("--system-words", type=int, default=2048)
+    p.add_argument("--turn-words", type=int, default=512, help="new user words per turn")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     p.add_argument("--chart", default="kvtier-demo.png")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -70,17 +72,20 @@ def run(args: argparse.Namespace) -> int:
     base_job = {"model": model, "block_size": 32, "max_model_len": max_len, "kv_cache_gb": 1,
                 "phases": [{"prompts": flat, "max_tokens": 8, "reset_device_cache": True}]}
     kvtier_extra = {"host_cache_gb": 1, "disk_cache_gb": 2, "disk_dir": str(workdir / "disk"),
-                    "disk_admission": "always", "metrics_port": _free_port()}
-    connector = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm",
-                 "extra": kvtier_extra}
-    runs = [("vLLM alone (recompute)", dict(base_job)),
-            ("vLLM + kvtier (host tier)", {**base_job, "connector": connector}),
-            ("kvtier after restart (disk tier)",
-             {**base_job, "connector": {**connector, "extra": {**kvtier_extra,
-                                                                "metrics_port": _free_port()}},
-              # After a restart only the disk holds the histories: replay the last turn.
-              "phases": [{"prompts": prompts[-1], "max_tokens": 8,
-                          "reset_device_cache": True}]})]
+                    "disk_admission": "always"}
+
+    def kvtier_job(turn_prompts: list[str]) -> dict:
+        extra = {**kvtier_extra, "metrics_port": _free_port()}
+        return {**base_job, "connector": {"name": "KvtierConnector",
+                                          "module": "kvtier.connectors.vllm", "extra": extra},
+                "phases": [{"prompts": turn_prompts, "max_tokens": 8,
+                            "reset_device_cache": True}]}
+
+    early = [p for row in prompts[:-1] for p in row]
+    runs = [("vLLM alone (recompute)", base_job),
+            ("vLLM + kvtier, turns 1..%d" % (len(prompts) - 1), kvtier_job(early)),
+            # A new engine process: its host tier is empty, the histories are on disk.
+            ("kvtier after a restart, last turn", kvtier_job(prompts[-1]))]
     results = []
     print(f"kvtier demo: {args.users} conversations x {args.turns} turns, prompts up to "
           f"{longest} tokens; engines log to {log}", flush=True)
@@ -91,25 +96,24 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
     base, tiered, restarted = (r["phases"][0] for r in results)
-    n_last = len(prompts[-1])
-    identical = (base["outputs"] == tiered["outputs"]
-                 and base["outputs"][-n_last:] == restarted["outputs"])
-    table = _table(prompts, base["ttft_s"], tiered["ttft_s"], restarted["ttft_s"])
+    kv_ttft = tiered["ttft_s"] + restarted["ttft_s"]
+    kv_outputs = tiered["outputs"] + restarted["outputs"]
+    identical = base["outputs"] == kv_outputs
     print()
-    print(table)
-    served = _served(results[1].get("metrics", {}), results[2].get("metrics", {}))
+    print(_table(prompts, base["ttft_s"], kv_ttft))
     print()
-    print(served)
-    first_turn = len(prompts[0])
-    speedup_g2 = (statistics.median(base["ttft_s"][first_turn:])
-                  / statistics.median(tiered["ttft_s"][first_turn:]))
+    print(_served(results[1].get("metrics", {}), results[2].get("metrics", {})))
+    n_first, n_last = len(prompts[0]), len(prompts[-1])
+    middle = slice(n_first, len(flat) - n_last)
+    speedup_g2 = (statistics.median(base["ttft_s"][middle])
+                  / statistics.median(kv_ttft[middle])) if len(prompts) > 2 else float("nan")
     speedup_g3 = (statistics.median(base["ttft_s"][-n_last:])
                   / statistics.median(restarted["ttft_s"]))
     print()
-    print(f"median TTFT speed-up on turns 2+: {speedup_g2:.1f}x from host (G2), "
-          f"{speedup_g3:.1f}x from disk (G3) after a restart")
+    print(f"median TTFT speed-up: {speedup_g2:.1f}x on turns 2..{len(prompts) - 1} (host tier), "
+          f"{speedup_g3:.1f}x on turn {len(prompts)} after a restart (disk tier)")
     print(f"outputs identical: {'yes' if identical else 'NO'}")
-    chart = _chart(args.chart, prompts, base["ttft_s"], tiered["ttft_s"], restarted["ttft_s"])
+    chart = _chart(args.chart, prompts, base["ttft_s"], kv_ttft)
     if chart:
         print(f"chart: {chart}")
     if args.json:
@@ -126,17 +130,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _table(prompts, base, tiered, restarted) -> str:
-    users = len(prompts[0])
+def _table(prompts, base, kvtier) -> str:
+    users, last = len(prompts[0]), len(prompts) - 1
     rows = [f"{'turn':>4} {'user':>4} {'prompt tokens':>13} {'TTFT vLLM':>10} "
-            f"{'TTFT kvtier':>11} {'after restart':>13}"]
-    last_turn = len(prompts) - 1
+            f"{'TTFT kvtier':>11}  history from"]
     for t, row in enumerate(prompts):
         for u, p in enumerate(row):
             i = t * users + u
-            after = f"{restarted[u] * 1000:10.0f} ms" if t == last_turn else f"{'-':>13}"
+            source = ("disk (G3), after a restart" if t == last
+                      else "-" if t == 0 and u == 0 else "host (G2)")
             rows.append(f"{t + 1:>4} {u + 1:>4} {len(p.split()):>13} {base[i] * 1000:7.0f} ms "
-                        f"{tiered[i] * 1000:8.0f} ms {after}")
+                        f"{kvtier[i] * 1000:8.0f} ms  {source}")
     return "\n".join(rows)
 
 
@@ -146,10 +150,10 @@ def _served(tiered_metrics: dict, restart_metrics: dict) -> str:
 
     return ("tokens served by kvtier: "
             f"host (G2) {tokens(tiered_metrics, 'G2')}, disk (G3) {tokens(tiered_metrics, 'G3')}"
-            f"; after restart: disk (G3) {tokens(restart_metrics, 'G3')}")
+            f"; after the restart: disk (G3) {tokens(restart_metrics, 'G3')}")
 
 
-def _chart(path: str, prompts, base, tiered, restarted) -> str | None:
+def _chart(path: str, prompts, base, kvtier) -> str | None:
     try:
         import matplotlib
 
@@ -159,7 +163,7 @@ def _chart(path: str, prompts, base, tiered, restarted) -> str | None:
         print("(matplotlib is not installed: no chart; pip install 'kvtier[plot]')")
         return None
     users = len(prompts[0])
-    turns = range(1, len(prompts) + 1)
+    turns = list(range(1, len(prompts) + 1))
 
     def per_turn(values):
         return [statistics.median(values[t * users:(t + 1) * users]) * 1000
@@ -167,14 +171,16 @@ def _chart(path: str, prompts, base, tiered, restarted) -> str | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(turns, per_turn(base), "o-", label="vLLM alone (recompute)")
-    ax.plot(turns, per_turn(tiered), "s-", label="vLLM + kvtier (host tier)")
-    ax.plot([len(prompts)], [statistics.median(restarted) * 1000], "D",
-            label="kvtier after restart (disk tier)")
-    ax.set_xlabel("turn")
+    kv = per_turn(kvtier)
+    ax.plot(turns[:-1], kv[:-1], "s-", color="tab:green", label="vLLM + kvtier (host tier)")
+    ax.plot(turns[-1:], kv[-1:], "D", color="tab:red",
+            label="vLLM + kvtier after a restart (disk tier)")
+    ax.set_xlabel("conversation turn")
     ax.set_ylabel("median TTFT (ms)")
-    ax.set_yscale("log")
-    ax.set_title("TTFT per conversation turn, tiny Llama on vLLM (CPU)")
+    ax.set_xticks(turns)
+    ax.set_title("Time to first token, tiny Llama on vLLM (CPU)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
