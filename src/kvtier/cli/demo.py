@@ -150,7 +150,9 @@ def _served(tiered_metrics: dict, restart_metrics: dict) -> str:
 
     return ("tokens served by kvtier: "
             f"host (G2) {tokens(tiered_metrics, 'G2')}, disk (G3) {tokens(tiered_metrics, 'G3')}"
-            f"; after the restart: disk (G3) {tokens(restart_metrics, 'G3')}")
+            f"; after the restart: disk (G3) {tokens(restart_metrics, 'G3')}, host (G2) "
+            f"{tokens(restart_metrics, 'G2')} (blocks shared by several conversations are "
+            "promoted to G2 by their first load)")
 
 
 def _chart(path: str, prompts, base, kvtier) -> str | None:
@@ -178,6 +180,7 @@ def _chart(path: str, prompts, base, kvtier) -> str | None:
     ax.set_xlabel("conversation turn")
     ax.set_ylabel("median TTFT (ms)")
     ax.set_xticks(turns)
+    ax.set_ylim(bottom=0)
     ax.set_title("Time to first token, tiny Llama on vLLM (CPU)")
     ax.legend()
     fig.tight_layout()
