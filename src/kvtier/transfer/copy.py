@@ -246,15 +246,29 @@ class _CudaCopier:
             self._streams = {"off": torch.cuda.Stream(self._device),
                              "on": torch.cuda.Stream(self._device)}
         self._staging: dict[str, Any] = {}
+        self._id_buffers: dict[str, list] = {}
         self._locks = {"off": threading.Lock(), "on": threading.Lock()}
 
-    def _device_ids(self, ids: np.ndarray):
+    def _device_ids(self, ids: np.ndarray, direction: str):
         # Pinned + non_blocking: a pageable copy would synchronize the stream, waiting for
-        # the engine's queued work on this thread.
-        host = self._torch.from_numpy(np.ascontiguousarray(ids))
-        if self._arena.pinned:
-            host = host.pin_memory()
-        return host.to(self._device, non_blocking=True)
+        # the engine's queued work on this thread. The pinned buffer is allocated once per
+        # direction (pinning per call costs more than the copy); before it is refilled, the
+        # event of its last upload must have fired.
+        torch = self._torch
+        if not self._arena.pinned:
+            return torch.from_numpy(np.ascontiguousarray(ids)).to(self._device)
+        buf = self._id_buffers.get(direction)
+        if buf is None:
+            buf = [torch.empty(self._capacity, dtype=torch.int64).pin_memory(), None]
+            self._id_buffers[direction] = buf
+        host, uploaded = buf
+        if uploaded is not None:
+            uploaded.synchronize()
+        host[:ids.size].copy_(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
+        dev_ids = host[:ids.size].to(self._device, non_blocking=True)
+        buf[1] = torch.cuda.Event()
+        buf[1].record()
+        return dev_ids
 
     def _stage(self, direction: str):
         staging = self._staging.get(direction)
@@ -280,7 +294,7 @@ class _CudaCopier:
                     chunk_blocks = blocks[first:first + self._capacity]
                     chunk_slots = slots[first:first + self._capacity]
                     rows = chunk_blocks.size
-                    idx = self._device_ids(chunk_blocks)
+                    idx = self._device_ids(chunk_blocks, "off")
                     for i, view in enumerate(self._dev_views):
                         self._seg_stage(staging, i, rows).copy_(view.index_select(0, idx))
                     for at, slot, length in _runs(chunk_slots):
@@ -305,7 +319,7 @@ class _CudaCopier:
                     for at, slot, length in _runs(chunk_slots):
                         staging[at:at + length].copy_(self._host_rows[slot:slot + length],
                                                       non_blocking=True)
-                    idx = self._device_ids(chunk_blocks)
+                    idx = self._device_ids(chunk_blocks, "on")
                     for i, view in enumerate(self._dev_views):
                         view.index_copy_(0, idx, self._seg_stage(staging, i, rows))
                 event = torch.cuda.Event()
