@@ -13,6 +13,13 @@ Slots of the G2/G3 pools are the slots of the workers' host arena and disk file.
 matchable only once a worker has reported its bytes in place; a block a transfer reads or
 writes holds a pool reference until the transfer's result arrives, so it is never evicted
 or reused under the transfer.
+
+G4, the remote store shared by many engines, is not the leader's to see: it keeps a bounded set
+of keys it knows the store holds (its own confirmed puts, answers to probes), and when a
+request's prefix runs out of local blocks it asks the workers to probe the rest
+(``StepPlan.remote_probes``), answering "ask again" to the engine until the answer arrives or a
+short deadline passes. G4 blocks onboard through G2 staging slots; blocks admitted to G4 are put
+from G2 after their store is confirmed.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+
+from prometheus_client import Counter, Gauge
 
 from kvtier.config import KvtierConfig
 from kvtier.events.types import EventBuffer
@@ -29,7 +39,7 @@ from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
 from kvtier.offload.onboard import OnboardPolicy
 from kvtier.pools.block_pool import BlockPool
-from kvtier.protocol import NO_SLOT, LoadOp, StepPlan, TierLayout, WorkerReport
+from kvtier.protocol import NO_SLOT, LoadOp, LoadResult, StepPlan, TierLayout, WorkerReport
 from kvtier.storage.block_format import BlockKey
 from kvtier.tiers import Tier
 
@@ -38,6 +48,14 @@ logger = logging.getLogger(__name__)
 # Engine steps a request may wait for the workers' disk index before matching without it.
 _MAX_RECOVERY_WAITS = 50
 _DIRECTION_TIER = {"g2_to_g1": Tier.G2, "g3_to_g2": Tier.G3, "g4_to_g2": Tier.G4}
+# Keys the leader remembers as held by G4 (a hint: the store may evict them any time).
+_MAX_REMOTE_KEYS = 1 << 18
+# A probe answer is awaited this many remote timeouts (plus a margin) before matching without
+# G4: the workers' own calls give up after one timeout, so an answer is overdue by then.
+_PROBE_WAIT_TIMEOUTS = 2.0
+_PROBE_WAIT_MARGIN_S = 0.5
+# Probe states of a request.
+_NOT_PROBED, _PROBING, _PROBED = 0, 1, 2
 
 
 @dataclasses.dataclass(slots=True)
@@ -51,6 +69,11 @@ class _Request:
     match_start: int = 0
     match_tiers: list[Tier] = dataclasses.field(default_factory=list)
     counted: bool = False   # its lookup is in the hit-rate metrics
+    # G4 probe: blocks [probe_start, probe_start + probe_present) are in the store.
+    probe_state: int = _NOT_PROBED
+    probe_start: int = 0
+    probe_present: int = 0
+    probe_sent: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,9 +88,9 @@ def plan_tier_layout(config: KvtierConfig, block_bytes: int,
     """Tier sizes in blocks; leader and workers both derive them from the same inputs."""
     num_g2 = config.num_blocks(config.host_cache_gb, config.host_cache_blocks, block_bytes)
     num_g3 = config.num_blocks(config.disk_cache_gb, config.disk_cache_blocks, block_bytes)
-    if num_g3:
-        # G2 stages every disk transfer, so even a disk-only set-up (host cache 0) keeps a
-        # few requests' worth of host slots; they cache nothing.
+    if num_g3 or config.has_remote:
+        # G2 stages every disk and remote transfer, so even a set-up without a host cache
+        # keeps a few requests' worth of host slots; they cache nothing.
         num_g2 = max(num_g2, 2 * max_blocks_per_request + 64)
     return TierLayout(num_g2, num_g3, block_bytes)
 
@@ -92,16 +115,35 @@ class Leader:
         self.g3 = BlockPool(Tier.G3, num_g3, eviction=config.disk_eviction_policy,
                             events=self.events, block_size=block_tokens) if num_g3 else None
         self.disk_admission = make_admission_policy(config.disk_admission)
+        self.remote_admission = make_admission_policy(config.remote_admission)
         self.onboard = OnboardPolicy(config.onboard_mode, block_bytes, block_tokens)
+        self.has_remote = config.has_remote and self.g2 is not None
 
         self._requests: dict[str, _Request] = {}
         self._loads: dict[str, _Load] = {}
-        # G2 slot -> key, for stores whose bytes are not confirmed yet.
-        self._pending_stores: dict[int, BlockKey] = {}
+        # G2 slot -> (key, to disk, to G4), for stores whose bytes are not confirmed yet
+        # (where G2 only stages, the targets are decided when the store is planned).
+        self._pending_stores: dict[int, tuple[BlockKey, bool, bool]] = {}
         self._storing_keys: set[BlockKey] = set()
         # G3 slot -> (G2 slot it is written from, key).
         self._pending_disk_writes: dict[int, tuple[int, BlockKey]] = {}
         self._disk_writing_keys: set[BlockKey] = set()
+        # G2 slot -> extra holders sharing one pool reference (a disk write and a remote put
+        # of the same slot).
+        self._g2_shares: dict[int, int] = {}
+        # G2 slot -> key of a G2 -> G4 put in flight.
+        self._pending_remote_puts: dict[int, BlockKey] = {}
+        self._remote_putting_keys: set[BlockKey] = set()
+        # Keys G4 is known to hold, oldest first (bounded).
+        self._remote_keys: OrderedDict[BlockKey, None] = OrderedDict()
+        self._remote_healthy = True
+        # G2 staging slots a timed-out remote read may still write into; freed when the
+        # workers report them released.
+        self._held_staging: set[int] = set()
+        self._probe_wait_s = (_PROBE_WAIT_TIMEOUTS * config.remote_timeout_ms / 1000
+                              + _PROBE_WAIT_MARGIN_S)
+        self._remote_metrics = _RemoteMetrics(self.metrics) if self.has_remote else None
+        self._probe_timeout_logged = False
         self._plan = StepPlan(layout=self.layout)
         self._step_started = 0.0
         self._step_prefill_tokens = 0
@@ -113,8 +155,9 @@ class Leader:
     def match(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int, *,
               cache_salt: str | None = None, lora_name: str | None = None) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that kvtier will load, or None to ask again
-        next step (the disk index of a previous run has not arrived yet). Side-effect free
-        for the tiers (it only caches the request's hashes and this answer)."""
+        next step (the disk index of a previous run, or the answer of a G4 probe, has not
+        arrived yet). Side-effect free for the tiers (it only caches the request's hashes,
+        its probe and this answer)."""
         if not self._recovered:
             self._match_waits += 1
             if self._match_waits <= _MAX_RECOVERY_WAITS:
@@ -126,7 +169,12 @@ class Leader:
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
         limit = (len(token_ids) - 1) // self.block_tokens
-        tiers = self._tiers_of_prefix(req.hashes[start:limit]) if limit > start else []
+        remote = self.has_remote and self._remote_healthy
+        tiers = (self._tiers_of_prefix(req.hashes[start:limit], req if remote else None, start)
+                 if limit > start else [])
+        if (remote and start + len(tiers) < limit and req.probe_state != _PROBED
+                and self._awaits_probe(req, start + len(tiers), limit)):
+            return None
         decision = self.onboard.decide(tiers)
         req.match_start, req.match_tiers = start, tiers[:decision.num_blocks]
         if not req.counted:
@@ -214,6 +262,8 @@ class Leader:
         self.metrics.queue_depth.labels("store").set(len(self._pending_stores))
         self.metrics.queue_depth.labels("disk_write").set(len(self._pending_disk_writes))
         self.metrics.queue_depth.labels("load").set(len(self._loads))
+        if self.has_remote:
+            self.metrics.queue_depth.labels("remote_put").set(len(self._pending_remote_puts))
         return plan
 
     def on_report(self, report: WorkerReport) -> None:
@@ -223,6 +273,12 @@ class Leader:
             self._step_started = 0.0
         if report.recovered is not None:
             self._restore_disk_index(report.recovered)
+        if report.remote_healthy is not None:
+            self._set_remote_health(report.remote_healthy)
+        if report.remote_stats and self._remote_metrics is not None:
+            self._remote_metrics.record(report.remote_stats)
+        for req_id, num in report.remote_present.items():
+            self._probe_answered(req_id, num)
         for slot in report.stores_ok:
             self._store_done(slot, ok=True)
         for slot in report.stores_failed:
@@ -231,8 +287,16 @@ class Leader:
             self._disk_write_done(slot, ok=True)
         for slot in report.disk_writes_failed:
             self._disk_write_done(slot, ok=False)
+        for slot in report.remote_puts_ok:
+            self._remote_put_done(slot, ok=True)
+        for slot in report.remote_puts_failed:
+            self._remote_put_done(slot, ok=False)
         for result in report.loads:
-            self._load_done(result.req_id, set(result.failed_idx), set(result.corrupt_idx))
+            self._load_done(result)
+        for slot in report.staging_released:
+            if slot in self._held_staging:
+                self._held_staging.discard(slot)
+                self.g2.release([slot])
         for direction, timing in report.timings.items():
             tier = _DIRECTION_TIER.get(direction)
             if tier is not None:
@@ -245,18 +309,25 @@ class Leader:
                                                                     + pool.num_active)
 
     def reset(self) -> None:
-        """Forget every cached block (blocks pinned by transfers go when those end)."""
+        """Forget every cached block (blocks pinned by transfers go when those end). The
+        shared store is not cleared; only what this leader believed it holds."""
         for pool in (self.g2, self.g3):
             if pool is not None:
                 pool.clear()
+        self._remote_keys.clear()
 
     def take_events(self) -> list:
         return self.events.take_events() if self.events is not None else []
 
     @property
     def busy(self) -> bool:
-        """Transfers are still in flight."""
-        return bool(self._pending_stores or self._pending_disk_writes or self._loads)
+        """Transfers are still in flight (or staging slots wait for a stalled store)."""
+        return bool(self._pending_stores or self._pending_disk_writes or self._loads
+                    or self._pending_remote_puts or self._held_staging)
+
+    def remote_holds(self, key: BlockKey) -> bool:
+        """Whether this leader believes G4 holds ``key`` (a hint, for tests and tools)."""
+        return key in self._remote_keys
 
     def check_invariants(self) -> None:
         for pool in (self.g2, self.g3):
@@ -281,8 +352,11 @@ class Leader:
         req.hashes.extend(self.hasher.hash_blocks(
             token_ids[start:want * self.block_tokens], salt=req.salt, parent=parent))
 
-    def _tiers_of_prefix(self, keys: list[BlockKey]) -> list[Tier]:
-        """Fastest tier of each leading block, stopping at the first block no tier holds."""
+    def _tiers_of_prefix(self, keys: list[BlockKey], remote_req: _Request | None = None,
+                         first: int = 0) -> list[Tier]:
+        """Fastest tier of each leading block, stopping at the first block no tier holds.
+        With ``remote_req`` (``keys`` start at its block ``first``), G4 counts too: keys this
+        leader knows G4 holds, and the blocks the request's probe found there."""
         tiers: list[Tier] = []
         i = 0
         while i < len(keys):
@@ -291,12 +365,69 @@ class Leader:
                 tiers.extend([Tier.G2] * in_g2)
                 i += in_g2
                 continue
-            in_g3 = self.g3.lookup(keys[i:i + 1]) if self.g3 is not None else 0
-            if not in_g3:
+            if self.g3 is not None and self.g3.lookup(keys[i:i + 1]):
+                tiers.append(Tier.G3)
+            elif remote_req is not None and (
+                    keys[i] in self._remote_keys
+                    or 0 <= first + i - remote_req.probe_start < remote_req.probe_present):
+                tiers.append(Tier.G4)
+            else:
                 break
-            tiers.append(Tier.G3)
             i += 1
         return tiers
+
+    def _awaits_probe(self, req: _Request, first: int, limit: int) -> bool:
+        """True while the request should wait for a G4 probe of blocks [first, limit)."""
+        now = time.perf_counter()
+        if req.probe_state == _NOT_PROBED:
+            req.probe_state, req.probe_start, req.probe_sent = _PROBING, first, now
+            self._plan.remote_probes[req.req_id] = req.hashes[first:limit]
+            return True
+        if now - req.probe_sent < self._probe_wait_s:
+            return True
+        # Never hang a request on the store: match without what the probe would have found.
+        log = logger.debug if self._probe_timeout_logged else logger.warning
+        self._probe_timeout_logged = True
+        log("kvtier: no answer from the remote tier's lookup for request %s after %.1f s; "
+            "matching without it (further cases are logged at debug level)", req.req_id,
+            now - req.probe_sent)
+        self._remote_metrics.events.labels("probe_timeouts").inc()
+        req.probe_state, req.probe_present = _PROBED, 0
+        return False
+
+    def _probe_answered(self, req_id: str, num_present: int) -> None:
+        req = self._requests.get(req_id)
+        if req is None or req.probe_state != _PROBING:
+            return
+        req.probe_state, req.probe_present = _PROBED, max(num_present, 0)
+        for key in req.hashes[req.probe_start:req.probe_start + req.probe_present]:
+            self._remember_remote(key)
+
+    def _set_remote_health(self, healthy: bool) -> None:
+        if healthy == self._remote_healthy:
+            return
+        self._remote_healthy = healthy
+        if self._remote_metrics is not None:
+            self._remote_metrics.healthy.set(1 if healthy else 0)
+        if not healthy:
+            # Requests waiting for a probe match without G4 now; what the store held before
+            # the outage may be gone after it.
+            for req in self._requests.values():
+                if req.probe_state == _PROBING:
+                    req.probe_state, req.probe_present = _PROBED, 0
+            self._remote_keys.clear()
+
+    def _remember_remote(self, key: BlockKey) -> None:
+        keys = self._remote_keys
+        if key in keys:
+            keys.move_to_end(key)
+            return
+        keys[key] = None
+        if len(keys) > _MAX_REMOTE_KEYS:
+            keys.popitem(last=False)
+
+    def _forget_remote(self, key: BlockKey) -> None:
+        self._remote_keys.pop(key, None)
 
     def _pin_for_load(self, key: BlockKey, tier: Tier, op: LoadOp, load: _Load) -> Tier | None:
         """Pin block ``key``'s source and pick its G2 slot; NO_SLOT makes it a load error."""
@@ -304,6 +435,16 @@ class Leader:
         if tier is Tier.G2:
             slots = self.g2.match([key])
             g2_slot = slots[0] if slots else NO_SLOT
+        elif tier is Tier.G4:
+            # Staged through G2, like disk reads; the store may have lost it meanwhile (then
+            # the worker reports the block failed and it is recomputed).
+            staging = self.g2.allocate(1)
+            if staging:
+                g2_slot = staging[0]
+                op.remote_idx.append(len(op.g2_slots))
+            else:
+                g2_slot = NO_SLOT
+                self.metrics.dropped_offloads.labels("G2").inc()
         else:
             pinned = self.g3.match([key])
             staging = self.g2.allocate(1) if pinned else []
@@ -323,21 +464,27 @@ class Leader:
         if key in self._storing_keys:
             return
         if self.host_caches and self.g2.lookup([key]):
-            # Already on the host: a re-offer counts toward disk admission.
+            # Already on the host: a re-offer counts toward disk and remote admission.
             self.g2.touch([key])
-            if self._wants_disk(key):
+            to_disk, to_remote = self._wants_disk(key), self._wants_remote(key)
+            if to_disk or to_remote:
                 slots = self.g2.match([key])
                 if slots:
-                    self._write_to_disk(slots[0], key)
+                    self._fan_out(slots[0], key, to_disk, to_remote)
             return
-        if not self.host_caches and not self._wants_disk(key):
-            return
+        if self.host_caches:
+            to_disk = to_remote = False  # decided once the host holds the bytes
+        else:
+            # G2 only stages: copy the block out of the device only for a tier below.
+            to_disk, to_remote = self._wants_disk(key), self._wants_remote(key)
+            if not (to_disk or to_remote):
+                return
         slots = self.g2.allocate(1)
         if not slots:
             self.metrics.dropped_offloads.labels("G2").inc()
             return
         self._plan.stores.add(device_block_id, slots[0], key)
-        self._pending_stores[slots[0]] = key
+        self._pending_stores[slots[0]] = (key, to_disk, to_remote)
         self._storing_keys.add(key)
 
     def _wants_disk(self, key: BlockKey) -> bool:
@@ -345,21 +492,62 @@ class Leader:
             return False
         return self.disk_admission.admit(key)
 
+    def _wants_remote(self, key: BlockKey) -> bool:
+        if (not self.has_remote or key in self._remote_keys
+                or key in self._remote_putting_keys):
+            return False
+        if not self.remote_admission.admit(key):
+            return False
+        if not self._remote_healthy:
+            self.metrics.dropped_offloads.labels("G4").inc()
+            return False
+        return True
+
+    def _fan_out(self, g2_slot: int, key: BlockKey, to_disk: bool, to_remote: bool) -> None:
+        """Hand the caller's pin on a G2 block to its disk write and/or remote put (they
+        share it), or release it when neither wants the block."""
+        to_disk = to_disk and self.g3 is not None
+        if to_disk and to_remote:
+            self._g2_shares[g2_slot] = self._g2_shares.get(g2_slot, 0) + 1
+        if to_disk:
+            self._write_to_disk(g2_slot, key)
+        if to_remote:
+            self._put_remote(g2_slot, key)
+        if not (to_disk or to_remote):
+            self.g2.release([g2_slot])
+
+    def _release_shared(self, g2_slot: int) -> None:
+        """One holder of a fanned-out G2 pin is done; the last one releases it."""
+        extra = self._g2_shares.get(g2_slot, 0)
+        if extra > 1:
+            self._g2_shares[g2_slot] = extra - 1
+        elif extra == 1:
+            del self._g2_shares[g2_slot]
+        else:
+            self.g2.release([g2_slot])
+
     def _write_to_disk(self, g2_slot: int, key: BlockKey) -> None:
         """Plan G2 -> G3 of a pinned G2 block; the pin is released when the write ends."""
         slots = self.g3.allocate(1)
         if not slots:
             self.metrics.dropped_offloads.labels("G3").inc()
-            self.g2.release([g2_slot])
+            self._release_shared(g2_slot)
             return
         self._plan.disk_writes.add(g2_slot, slots[0], key)
         self._pending_disk_writes[slots[0]] = (g2_slot, key)
         self._disk_writing_keys.add(key)
 
+    def _put_remote(self, g2_slot: int, key: BlockKey) -> None:
+        """Plan G2 -> G4 of a pinned G2 block; the pin is released when the put ends."""
+        self._plan.remote_puts.add(g2_slot, key)
+        self._pending_remote_puts[g2_slot] = key
+        self._remote_putting_keys.add(key)
+
     def _store_done(self, slot: int, ok: bool) -> None:
-        key = self._pending_stores.pop(slot, None)
-        if key is None:
+        entry = self._pending_stores.pop(slot, None)
+        if entry is None:
             return
+        key, to_disk, to_remote = entry
         self._storing_keys.discard(key)
         if not ok:
             self.g2.release([slot])
@@ -368,13 +556,19 @@ class Leader:
         self.g2.complete([slot])
         if self.host_caches:
             slot = self.g2.register([slot], [key])[0]
-            wants_disk = self._wants_disk(key)
+            to_disk, to_remote = self._wants_disk(key), self._wants_remote(key)
+        self._fan_out(slot, key, to_disk, to_remote)
+
+    def _remote_put_done(self, g2_slot: int, ok: bool) -> None:
+        key = self._pending_remote_puts.pop(g2_slot, None)
+        if key is None:
+            return
+        self._remote_putting_keys.discard(key)
+        self._release_shared(g2_slot)
+        if ok:
+            self._remember_remote(key)
         else:
-            wants_disk = True  # stored only because the disk admitted it
-        if wants_disk and self.g3 is not None:
-            self._write_to_disk(slot, key)
-        else:
-            self.g2.release([slot])
+            self.metrics.dropped_offloads.labels("G4").inc()
 
     def _disk_write_done(self, g3_slot: int, ok: bool) -> None:
         entry = self._pending_disk_writes.pop(g3_slot, None)
@@ -382,7 +576,7 @@ class Leader:
             return
         g2_slot, key = entry
         self._disk_writing_keys.discard(key)
-        self.g2.release([g2_slot])
+        self._release_shared(g2_slot)
         if not ok:
             self.g3.release([g3_slot])
             self.metrics.dropped_offloads.labels("G3").inc()
@@ -391,7 +585,10 @@ class Leader:
         g3_slot = self.g3.register([g3_slot], [key])[0]
         self.g3.release([g3_slot])
 
-    def _load_done(self, req_id: str, failed: set[int], corrupt: set[int]) -> None:
+    def _load_done(self, result: LoadResult) -> None:
+        req_id = result.req_id
+        failed, corrupt = set(result.failed_idx), set(result.corrupt_idx)
+        held = set(result.held_idx)
         load = self._loads.pop(req_id, None)
         if load is None:
             return
@@ -408,14 +605,20 @@ class Leader:
                 if i in corrupt:
                     bad_g2.append(key)
                 continue
-            # Staged from disk: on success the host tier keeps it (promotion).
+            if tier is Tier.G4 and i in failed:
+                # Missing, corrupt or late: the store is not to be trusted with it for now.
+                self._forget_remote(key)
+                if i in held:
+                    self._held_staging.add(slot)  # released when no late write can land
+                    continue
+            # Staged from disk or G4: on success the host tier keeps it (promotion).
             if i not in failed and self.host_caches:
                 self.g2.complete([slot])
                 slot = self.g2.register([slot], [key])[0]
             self.g2.release([slot])
-            if i in corrupt:
+            if i in corrupt and tier is Tier.G3:
                 bad_g3.append(key)
-        for tier in (Tier.G2, Tier.G3):
+        for tier in (Tier.G2, Tier.G3, Tier.G4):
             served = sum(1 for i, t in enumerate(load.source_tiers)
                          if t is tier and i not in failed)
             if served:
@@ -427,6 +630,10 @@ class Leader:
             self.metrics.checksum_failures.inc(len(corrupt))
             logger.warning("request %s: %d onboarded blocks failed verification; "
                            "they are recomputed and dropped from the tier", req_id, len(corrupt))
+        num_remote_failed = sum(1 for i in failed if load.source_tiers[i] is Tier.G4)
+        if num_remote_failed:
+            logger.debug("request %s: %d blocks could not be read from the remote tier; they "
+                         "are recomputed", req_id, num_remote_failed)
         if bad_g2:
             self.g2.discard(bad_g2)
         if bad_g3:
@@ -442,3 +649,24 @@ class Leader:
         valid = [(slot, key) for slot, key in entries if 0 <= slot < self.g3.num_blocks]
         self.g3.restore(valid)
         logger.info("kvtier: disk tier recovered %d blocks from a previous run", len(valid))
+
+
+class _RemoteMetrics:
+    """G4 health and fault counters, in the leader's registry."""
+
+    def __init__(self, metrics: KvtierMetrics) -> None:
+        self._metrics = metrics
+        self.events = Counter("kvtier_remote_events",
+                              "Remote tier events: errors, timeouts, unavailable (blocks asked "
+                              "while down), reconnects, probe_timeouts, ...", ["event"],
+                              registry=metrics.registry)
+        self.healthy = Gauge("kvtier_remote_healthy", "1 while the remote tier answers",
+                             registry=metrics.registry)
+        self.healthy.set(1)
+
+    def record(self, deltas: dict[str, int]) -> None:
+        for name, delta in deltas.items():
+            if delta > 0:
+                self.events.labels(name).inc(delta)
+        # Remote blocks that failed verification count with the other tiers' failures.
+        self._metrics.checksum_failures.inc(max(deltas.get("checksum_failures", 0), 0))

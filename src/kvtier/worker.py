@@ -1,14 +1,21 @@
 """The worker: owns the bytes of one rank and executes the leader's StepPlans.
 
-It holds the engine's registered KV tensors (G1), the host arena (G2), the disk tier (G3)
-and the transfer engine. Per step the engine adapter calls:
+It holds the engine's registered KV tensors (G1), the host arena (G2), the disk tier (G3),
+the client of the shared remote store (G4) and the transfer engine. Per step the engine adapter
+calls:
 
-  start_loads(plan)  onboard: G2 -> G1 now; G3 -> G2 reads in the background
-  save(plan)         after the forward pass: G1 -> G2 copies, then G2 -> G3 writes queued
+  start_loads(plan)  onboard: G2 -> G1 now; G3/G4 -> G2 reads in the background; G4 lookups
+  save(plan)         after the forward pass: G1 -> G2 copies, then G2 -> G3/G4 writes queued
   poll()             finish background reads (scatter into G1), collect finished transfers
   take_report()      what finished since the last report, for the leader
 
 Nothing here decides policy: which block goes where is the leader's plan.
+
+The remote store may be down at start-up, lost or slow at any time: the worker then runs on the
+local tiers (every remote call answers "no" at once), reconnects in the background with backoff,
+and reports the store's health so the leader stops planning remote work meanwhile. A remote read
+that timed out may still land in its staging slots later (zero-copy clients): those slots are
+reported held (``LoadResult.held_idx``) and released only once the client says ``drained``.
 """
 
 from __future__ import annotations
@@ -22,23 +29,44 @@ import torch
 from kvtier.config import KvtierConfig
 from kvtier.errors import LayoutError, StorageError
 from kvtier.layout import DeviceKV
-from kvtier.protocol import (NO_SLOT, LoadOp, LoadResult, StepPlan, TierLayout, TransferTiming,
-                              WorkerReport)
+from kvtier.protocol import (
+    NO_SLOT,
+    LoadOp,
+    LoadResult,
+    StepPlan,
+    TierLayout,
+    TransferTiming,
+    WorkerReport,
+)
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
+from kvtier.storage.remote import RetryingBackend, make_namespace
 from kvtier.tiers import Tier
-from kvtier.transfer import (TransferEngine, TransferKind, TransferRequest,
-                             copy_device_to_host, copy_host_to_device)
+from kvtier.transfer import (
+    TransferEngine,
+    TransferKind,
+    TransferRequest,
+    copy_device_to_host,
+    copy_host_to_device,
+)
+from kvtier.transfer.remote import HostToRemote, RemoteProber, RemoteToHost
 
 logger = logging.getLogger(__name__)
+
+# Remote tier counters passed on to the leader's metrics (RetryingBackend.stats names).
+_REMOTE_STATS = ("errors", "timeouts", "unavailable", "put_failures", "misses",
+                 "checksum_failures", "reconnects", "connect_failures")
 
 
 @dataclasses.dataclass(slots=True)
 class _PendingLoad:
     op: LoadOp
-    transfer_id: int
-    disk_idx: list[int]      # indices of op's blocks read from disk by transfer_id
+    # Transfer id -> (source tier, indices of op's blocks that transfer stages into G2).
+    parts: dict[int, tuple[Tier, list[int]]]
     started: float
+    failed: set[int] = dataclasses.field(default_factory=set)
+    corrupt: set[int] = dataclasses.field(default_factory=set)
+    held: set[int] = dataclasses.field(default_factory=set)
 
 
 class Worker:
@@ -51,10 +79,17 @@ class Worker:
         self.device: DeviceKV | None = None
         self.arena: HostArena | None = None
         self.disk: DiskStorage | None = None
+        self.remote: RetryingBackend | None = None
         self.engine: TransferEngine | None = None
+        self._prober: RemoteProber | None = None
         self._report = WorkerReport()
         self._pending_loads: list[_PendingLoad] = []
         self._pending_writes: dict[int, tuple[list[int], float]] = {}  # transfer id -> G3 slots
+        self._pending_puts: dict[int, tuple[list[int], float]] = {}    # transfer id -> G2 slots
+        # G2 staging slots a timed-out remote read may still write into.
+        self._held_slots: list[int] = []
+        self._remote_healthy: bool | None = None
+        self._remote_stats: dict[str, int] = {}
         self._finished_loads: set[str] = set()
         self._load_errors: set[int] = set()
         self._checked_layout = False
@@ -87,28 +122,66 @@ class Worker:
         self.engine = TransferEngine(device=self.device, arena=self.arena, disk=self.disk,
                                      max_batch_blocks=self.config.max_transfer_batch_blocks,
                                      max_concurrent=self.config.max_concurrent_transfers)
+        if self.config.has_remote and self.arena is not None:
+            self._open_remote(fingerprint)
+
+    def _open_remote(self, fingerprint: int) -> None:
+        """Connect G4. An unreachable store is not an error: the tier retries in the
+        background (logged once) and the engine runs on its local tiers meanwhile."""
+        namespace = make_namespace(self.model_id or "model", fingerprint, self.rank)
+        self.remote = RetryingBackend(self.config.remote_url, namespace=namespace,
+                                      timeout_s=self.config.remote_timeout_ms / 1000)
+        self.engine.add_executor(Tier.G2, Tier.G4,
+                                 HostToRemote(self.arena, self.remote, fingerprint))
+        self.engine.add_executor(Tier.G4, Tier.G2, RemoteToHost(self.arena, self.remote))
+        self._prober = RemoteProber(self.remote)
+        self._remote_stats = {name: 0 for name in _REMOTE_STATS}
+        self._note_remote_health()
+        logger.info("kvtier: remote tier %s (%s)", self.remote.url,
+                    "connected" if self.remote.healthy else "not reachable yet; retrying")
 
     def close(self) -> None:
+        if self._prober is not None:
+            self._prober.close()
         if self.engine is not None:
             self.engine.close()
+        if self.remote is not None:
+            self.remote.close()
         if self.disk is not None:
             self.disk.close()
 
     # -- per step -----------------------------------------------------------------------
     def start_loads(self, plan: StepPlan) -> None:
         self._check_layout(plan)
+        # A malformed plan is a broken contract between the halves: refuse it whole rather
+        # than load some blocks and leave others unreported.
+        plan.validate()
+        for req_id, keys in plan.remote_probes.items():
+            if self._prober is None:
+                self._report.remote_present[req_id] = 0
+            else:
+                self._prober.probe(req_id, keys)
         for op in plan.loads:
+            load = _PendingLoad(op, {}, time.perf_counter())
             disk_idx = [i for i, s in enumerate(op.g3_slots) if s != NO_SLOT]
-            if not disk_idx:
-                self._finish_load(op, failed=set(), corrupt=set())
-                continue
-            request = TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2,
-                                      [op.g3_slots[i] for i in disk_idx],
-                                      [op.g2_slots[i] for i in disk_idx],
-                                      [op.keys[i] for i in disk_idx])
-            transfer_id = self.engine.submit(request)
-            self._pending_loads.append(_PendingLoad(op, transfer_id, disk_idx,
-                                                    time.perf_counter()))
+            if disk_idx:
+                request = TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2,
+                                          [op.g3_slots[i] for i in disk_idx],
+                                          [op.g2_slots[i] for i in disk_idx],
+                                          [op.keys[i] for i in disk_idx])
+                load.parts[self.engine.submit(request)] = (Tier.G3, disk_idx)
+            remote_idx = [i for i in op.remote_idx if op.g2_slots[i] != NO_SLOT]
+            if remote_idx and self.remote is None:
+                load.failed.update(remote_idx)
+            elif remote_idx:
+                slots = [op.g2_slots[i] for i in remote_idx]
+                request = TransferRequest(TransferKind.ONBOARD, Tier.G4, Tier.G2, slots,
+                                          slots, [op.keys[i] for i in remote_idx])
+                load.parts[self.engine.submit(request)] = (Tier.G4, remote_idx)
+            if load.parts:
+                self._pending_loads.append(load)
+            else:
+                self._finish_load(load)
 
     def save(self, plan: StepPlan) -> None:
         """Copy this step's completed blocks to the host; queue disk writes. Runs after the
@@ -132,32 +205,86 @@ class Worker:
                                       list(writes.dst), list(writes.keys))
             self._pending_writes[self.engine.submit(request)] = (list(writes.dst),
                                                                  time.perf_counter())
+        puts = plan.remote_puts
+        if len(puts):
+            if self.remote is None:
+                self._report.remote_puts_failed.extend(puts.slots)
+            else:
+                request = TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G4,
+                                          list(puts.slots), list(puts.slots), list(puts.keys))
+                self._pending_puts[self.engine.submit(request)] = (list(puts.slots),
+                                                                   time.perf_counter())
 
     def poll(self) -> None:
         """Collect finished background transfers (never waits)."""
         if self.engine is None:
             return
+        if self.remote is not None:
+            self._poll_remote()
         done = {result.id: result for result in self.engine.poll()}
-        if not done:
-            return
+        if done:
+            self._collect(done)
+        if self._held_slots and self.remote.drained:
+            # No abandoned remote read can write into these slots any more.
+            self._report.staging_released.extend(self._held_slots)
+            self._held_slots = []
+
+    def _collect(self, done: dict) -> None:
         for transfer_id, result in done.items():
             entry = self._pending_writes.pop(transfer_id, None)
-            if entry is None:
+            if entry is not None:
+                slots, started = entry
+                for slot, ok in zip(slots, result.ok):
+                    (self._report.disk_writes_ok if ok
+                     else self._report.disk_writes_failed).append(slot)
+                self._time("g2_to_g3", sum(result.ok), started)
                 continue
-            slots, started = entry
-            for slot, ok in zip(slots, result.ok):
-                (self._report.disk_writes_ok if ok else self._report.disk_writes_failed).append(slot)
-            self._time("g2_to_g3", sum(result.ok), started)
+            entry = self._pending_puts.pop(transfer_id, None)
+            if entry is not None:
+                slots, started = entry
+                for slot, ok in zip(slots, result.ok):
+                    (self._report.remote_puts_ok if ok
+                     else self._report.remote_puts_failed).append(slot)
+                self._time("g2_to_g4", sum(result.ok), started)
         still_pending = []
         for load in self._pending_loads:
-            result = done.get(load.transfer_id)
-            if result is None:
+            for transfer_id in [t for t in load.parts if t in done]:
+                tier, idx = load.parts.pop(transfer_id)
+                bad = {i for i, ok in zip(idx, done[transfer_id].ok) if not ok}
+                load.failed |= bad
+                if tier is Tier.G3:
+                    load.corrupt |= bad  # a disk block that does not verify is bad bytes
+                    self._time("g3_to_g2", len(idx) - len(bad), load.started)
+                else:
+                    # A remote miss may be eviction or a timeout; the leader forgets the key
+                    # either way. After a timeout the read may still land: hold its slots.
+                    if bad and not self.remote.drained:
+                        load.held |= bad
+                    self._time("g4_to_g2", len(idx) - len(bad), load.started)
+            if load.parts:
                 still_pending.append(load)
-                continue
-            bad = {i for i, ok in zip(load.disk_idx, result.ok) if not ok}
-            self._time("g3_to_g2", len(load.disk_idx) - len(bad), load.started)
-            self._finish_load(load.op, failed=bad, corrupt=bad)
+            else:
+                self._finish_load(load)
         self._pending_loads = still_pending
+
+    def _poll_remote(self) -> None:
+        for req_id, num in self._prober.take_answers():
+            self._report.remote_present[req_id] = num
+        self._note_remote_health()
+        stats = self.remote.stats
+        last = self._remote_stats
+        for name in _REMOTE_STATS:
+            delta = stats.get(name, 0) - last[name]
+            if delta:
+                self._report.remote_stats[name] = (self._report.remote_stats.get(name, 0)
+                                                   + delta)
+                last[name] += delta
+
+    def _note_remote_health(self) -> None:
+        healthy = self.remote.healthy
+        if healthy != self._remote_healthy:
+            self._remote_healthy = healthy
+            self._report.remote_healthy = healthy
 
     def take_finished_loads(self) -> set[str]:
         finished, self._finished_loads = self._finished_loads, set()
@@ -175,19 +302,26 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return bool(self._pending_loads or self._pending_writes)
+        """Transfers or probes in flight, or staging slots still held."""
+        return bool(self._in_flight() or self._held_slots)
+
+    def _in_flight(self) -> bool:
+        return bool(self._pending_loads or self._pending_writes or self._pending_puts
+                    or (self._prober is not None and self._prober.pending))
 
     def drain(self, timeout_s: float = 30.0) -> None:
-        """Wait for background transfers (shutdown and tests only, never in a step)."""
+        """Wait for background transfers (shutdown and tests only, never in a step). Slots
+        held for a stalled remote store are not waited for: the process is going away."""
         deadline = time.monotonic() + timeout_s
-        while self.busy and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             self.poll()
             time.sleep(0.001)
 
     # -- internals ----------------------------------------------------------------------
-    def _finish_load(self, op: LoadOp, failed: set[int], corrupt: set[int]) -> None:
+    def _finish_load(self, load: _PendingLoad) -> None:
         """Scatter the blocks that arrived intact into the device; report the rest."""
-        failed = failed | {i for i, s in enumerate(op.g2_slots) if s == NO_SLOT}
+        op, corrupt = load.op, load.corrupt
+        failed = load.failed | {i for i, s in enumerate(op.g2_slots) if s == NO_SLOT}
         good = [i for i in range(len(op.keys)) if i not in failed]
         if good:
             started = time.perf_counter()
@@ -199,7 +333,9 @@ class Worker:
                 logger.exception("kvtier: onboard of request %s failed", op.req_id)
                 failed = set(range(len(op.keys)))
         self._load_errors.update(op.device_block_ids[i] for i in failed)
-        self._report.loads.append(LoadResult(op.req_id, sorted(failed), sorted(corrupt)))
+        held = sorted(load.held)
+        self._held_slots.extend(op.g2_slots[i] for i in held)
+        self._report.loads.append(LoadResult(op.req_id, sorted(failed), sorted(corrupt), held))
         self._finished_loads.add(op.req_id)
 
     def _time(self, direction: str, num_blocks: int, started: float) -> None:

