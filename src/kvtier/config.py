@@ -23,7 +23,6 @@ from kvtier.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-HASH_MODES = ("xxh3", "sha256_cbor")
 ONBOARD_MODES = ("auto", "always", "never")
 
 
@@ -47,6 +46,9 @@ class KvtierConfig:
     disk_admission: str = "frequency"
     offload_min_priority: int = 0
     onboard_mode: str = "auto"
+    # Loads estimated to take at most this long run inside the step that needs them (no
+    # extra engine step of waiting); longer ones run between steps.
+    sync_load_max_ms: float = 20.0
 
     # Hashing.
     hash_mode: str = "xxh3"
@@ -62,9 +64,12 @@ class KvtierConfig:
 
     def __post_init__(self) -> None:
         _check_non_negative(self, ("host_cache_gb", "host_cache_blocks", "disk_cache_gb",
-                                   "disk_cache_blocks", "offload_min_priority"))
+                                   "disk_cache_blocks", "offload_min_priority",
+                                   "sync_load_max_ms"))
         _check_positive(self, ("disk_io_threads", "remote_timeout_ms",
                                "max_transfer_batch_blocks", "max_concurrent_transfers"))
+        from kvtier.hashing import HASH_MODES
+
         _check_choice(self, "hash_mode", HASH_MODES)
         _check_choice(self, "onboard_mode", ONBOARD_MODES)
         # Policy names come from their registries, so a new policy needs no edit here.

@@ -34,7 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from kvtier.config import KvtierConfig
 from kvtier.events.types import EventBuffer
-from kvtier.hashing import BlockHasher, salt_hash
+from kvtier.hashing import BlockHasher, salt_hash, vllm_extra_keys
 from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
 from kvtier.offload.onboard import OnboardPolicy
@@ -45,6 +45,8 @@ from kvtier.tiers import Tier
 
 logger = logging.getLogger(__name__)
 
+_STAGING_BYTES = 2 * 10**9
+_MIN_STAGING_BLOCKS = 64
 # Engine steps a request may wait for the workers' disk index before matching without it.
 _MAX_RECOVERY_WAITS = 50
 _DIRECTION_TIER = {"g2_to_g1": Tier.G2, "g3_to_g2": Tier.G3, "g4_to_g2": Tier.G4}
@@ -69,6 +71,10 @@ class _Request:
     match_start: int = 0
     match_tiers: list[Tier] = dataclasses.field(default_factory=list)
     counted: bool = False   # its lookup is in the hit-rate metrics
+    match_sync: bool = False  # the last match is small enough to load inside the step
+    # Only for the engine-compatible hash modes, which take them as per-block extra keys.
+    cache_salt: str | None = None
+    lora_name: str | None = None
     # G4 probe: blocks [probe_start, probe_start + probe_present) are in the store.
     probe_state: int = _NOT_PROBED
     probe_start: int = 0
@@ -88,10 +94,12 @@ def plan_tier_layout(config: KvtierConfig, block_bytes: int,
     """Tier sizes in blocks; leader and workers both derive them from the same inputs."""
     num_g2 = config.num_blocks(config.host_cache_gb, config.host_cache_blocks, block_bytes)
     num_g3 = config.num_blocks(config.disk_cache_gb, config.disk_cache_blocks, block_bytes)
-    if num_g3 or config.has_remote:
-        # G2 stages every disk and remote transfer, so even a set-up without a host cache
-        # keeps a few requests' worth of host slots; they cache nothing.
-        num_g2 = max(num_g2, 2 * max_blocks_per_request + 64)
+    if (num_g3 or config.has_remote) and num_g2 == 0:
+        # G2 stages every disk and remote transfer, so a set-up without a host cache keeps a
+        # bounded staging window (one long request, at most _STAGING_BYTES); it caches
+        # nothing. A longer disk/remote hit loads its first blocks and recomputes the rest.
+        num_g2 = min(max_blocks_per_request + 64,
+                     max(_MIN_STAGING_BLOCKS, _STAGING_BYTES // max(block_bytes, 1)))
     return TierLayout(num_g2, num_g3, block_bytes)
 
 
@@ -125,6 +133,8 @@ class Leader:
         # (where G2 only stages, the targets are decided when the store is planned).
         self._pending_stores: dict[int, tuple[BlockKey, bool, bool]] = {}
         self._storing_keys: set[BlockKey] = set()
+        # Keys being staged into G2 by loads (registered there when the load lands).
+        self._staging_keys: set[BlockKey] = set()
         # G3 slot -> (G2 slot it is written from, key).
         self._pending_disk_writes: dict[int, tuple[int, BlockKey]] = {}
         self._disk_writing_keys: set[BlockKey] = set()
@@ -175,8 +185,10 @@ class Leader:
         if (remote and start + len(tiers) < limit and req.probe_state != _PROBED
                 and self._awaits_probe(req, start + len(tiers), limit)):
             return None
-        decision = self.onboard.decide(tiers)
+        decision = self.onboard.decide(self._cap_staging(tiers))
         req.match_start, req.match_tiers = start, tiers[:decision.num_blocks]
+        req.match_sync = (decision.load_s * 1000 <= self.config.sync_load_max_ms
+                          and Tier.G4 not in req.match_tiers)
         if not req.counted:
             req.counted = True
             self.metrics.requested_tokens.inc(len(token_ids))
@@ -198,7 +210,8 @@ class Leader:
         if num_blocks > len(tiers):
             logger.error("request %s: engine expects %d blocks but %d were matched; the rest "
                          "is recomputed", req_id, num_blocks, len(tiers))
-        op = LoadOp(req_id, list(device_block_ids[start:start + num_blocks]), [], [], [])
+        op = LoadOp(req_id, list(device_block_ids[start:start + num_blocks]), [], [], [],
+                    sync=req is not None and req.match_sync)
         load = _Load(op, [], [])
         for i in range(num_blocks):
             if i < len(tiers):
@@ -210,6 +223,8 @@ class Leader:
                 op.g3_slots.append(NO_SLOT)
             load.source_tiers.append(tier)
             op.keys.append(key)
+            if tier is not None and tier is not Tier.G2:
+                self._staging_keys.add(key)  # on the host once the load lands: no store
         self._plan.loads.append(op)
         self._loads[req_id] = load
 
@@ -238,6 +253,11 @@ class Leader:
         if req is not None:
             req.match_tiers = []
 
+    def is_async_load(self, req_id: str) -> bool:
+        """Whether the last match of ``req_id`` loads between steps (else within the step)."""
+        req = self._requests.get(req_id)
+        return req is None or not req.match_sync
+
     def onboard_split(self, req_id: str) -> dict[Tier, int]:
         """Tokens of the request's current load, by the tier they come from."""
         load = self._loads.get(req_id)
@@ -250,7 +270,9 @@ class Leader:
     def finish(self, req_id: str) -> bool:
         """The request ended. True: keep its device blocks until its load is reported done."""
         self._requests.pop(req_id, None)
-        return req_id in self._loads
+        load = self._loads.get(req_id)
+        # A synchronous load ran before the step's forward pass: nothing writes the blocks.
+        return load is not None and not load.op.sync
 
     # -- steps --------------------------------------------------------------------------
     def begin_step(self, num_prefill_tokens: int) -> None:
@@ -338,7 +360,8 @@ class Leader:
     def _request(self, req_id: str, cache_salt: str | None, lora_name: str | None) -> _Request:
         req = self._requests.get(req_id)
         if req is None:
-            req = _Request(req_id, salt_hash(cache_salt, lora_name))
+            req = _Request(req_id, salt_hash(cache_salt, lora_name), cache_salt=cache_salt,
+                           lora_name=lora_name)
             self._requests[req_id] = req
         return req
 
@@ -349,8 +372,14 @@ class Leader:
             return
         parent = req.hashes[-1] if have else None
         start = have * self.block_tokens
-        req.hashes.extend(self.hasher.hash_blocks(
-            token_ids[start:want * self.block_tokens], salt=req.salt, parent=parent))
+        tokens = token_ids[start:want * self.block_tokens]
+        if self.hasher.is_engine_mode:
+            # vLLM's own hashes: the salt and LoRA travel as extra keys, as vLLM puts them.
+            extra = vllm_extra_keys(want - have, first_block_idx=have,
+                                    cache_salt=req.cache_salt, lora_name=req.lora_name)
+            req.hashes.extend(self.hasher.hash_blocks(tokens, parent=parent, extra_keys=extra))
+        else:
+            req.hashes.extend(self.hasher.hash_blocks(tokens, salt=req.salt, parent=parent))
 
     def _tiers_of_prefix(self, keys: list[BlockKey], remote_req: _Request | None = None,
                          first: int = 0) -> list[Tier]:
@@ -429,6 +458,18 @@ class Leader:
     def _forget_remote(self, key: BlockKey) -> None:
         self._remote_keys.pop(key, None)
 
+    def _cap_staging(self, tiers: list[Tier]) -> list[Tier]:
+        """Cut a match where its disk/remote blocks would need more G2 staging slots than
+        G2 can give now (half of what is free or evictable: stores need slots too)."""
+        room = (self.g2.num_free + self.g2.num_inactive) // 2 if self.g2 is not None else 0
+        staged = 0
+        for i, tier in enumerate(tiers):
+            if tier is not Tier.G2:
+                staged += 1
+                if staged > room:
+                    return tiers[:i]
+        return tiers
+
     def _pin_for_load(self, key: BlockKey, tier: Tier, op: LoadOp, load: _Load) -> Tier | None:
         """Pin block ``key``'s source and pick its G2 slot; NO_SLOT makes it a load error."""
         g3_slot = NO_SLOT
@@ -461,7 +502,7 @@ class Leader:
         return tier if g2_slot != NO_SLOT else None
 
     def _offload(self, key: BlockKey, device_block_id: int) -> None:
-        if key in self._storing_keys:
+        if key in self._storing_keys or key in self._staging_keys:
             return
         if self.host_caches and self.g2.lookup([key]):
             # Already on the host: a re-offer counts toward disk and remote admission.
@@ -593,6 +634,9 @@ class Leader:
         if load is None:
             return
         op = load.op
+        self._staging_keys.difference_update(
+            key for key, tier in zip(op.keys, load.source_tiers)
+            if tier is not None and tier is not Tier.G2)
         if load.g3_refs:
             self.g3.release(load.g3_refs)
         bad_g3: list[BlockKey] = []

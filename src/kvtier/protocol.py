@@ -40,6 +40,9 @@ class LoadOp:
     keys: list[BlockKey]
     # Indices of the blocks staged from G4 (their g3_slots entry is NO_SLOT).
     remote_idx: list[int] = dataclasses.field(default_factory=list)
+    # Synchronous: done before this step's forward pass, which uses the blocks (never for G4
+    # sources). Asynchronous loads finish between steps and are reported as received.
+    sync: bool = False
 
     def validate(self) -> None:
         n = len(self.device_block_ids)

@@ -164,7 +164,17 @@ class Worker:
         for op in plan.loads:
             load = _PendingLoad(op, {}, time.perf_counter())
             disk_idx = [i for i, s in enumerate(op.g3_slots) if s != NO_SLOT]
-            if disk_idx:
+            if disk_idx and op.sync:
+                # The step's forward pass reads these blocks: read them now, on this thread
+                # (the leader makes a load synchronous only when it takes a few ms).
+                started = time.perf_counter()
+                ok = self.disk.read(self.arena, [(op.g3_slots[i], op.g2_slots[i], op.keys[i])
+                                                 for i in disk_idx])
+                bad = {i for i, good in zip(disk_idx, ok) if not good}
+                load.failed |= bad
+                load.corrupt |= bad
+                self._time("g3_to_g2", len(disk_idx) - len(bad), started)
+            elif disk_idx:
                 request = TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2,
                                           [op.g3_slots[i] for i in disk_idx],
                                           [op.g2_slots[i] for i in disk_idx],
@@ -336,7 +346,9 @@ class Worker:
         held = sorted(load.held)
         self._held_slots.extend(op.g2_slots[i] for i in held)
         self._report.loads.append(LoadResult(op.req_id, sorted(failed), sorted(corrupt), held))
-        self._finished_loads.add(op.req_id)
+        if not op.sync:
+            # vLLM waits for asynchronous loads only; a synchronous one is not "received".
+            self._finished_loads.add(op.req_id)
 
     def _time(self, direction: str, num_blocks: int, started: float) -> None:
         if num_blocks <= 0:

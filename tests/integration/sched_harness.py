@@ -72,20 +72,28 @@ class Harness:
         so = self.scheduler.schedule()
         if before_worker is not None:
             before_worker(so)
-        self._forward(so)
         connector_output = None
-        if self.worker is not None:
+        if self.worker is None:
+            self._forward(so)
+        else:
             for op in so.kv_connector_metadata.plan.loads:
                 self._loads_to_verify[op.req_id] = op
             self.worker.bind_connector_metadata(so.kv_connector_metadata)
-            self.worker.start_load_kv(None)
+            # As vLLM's model runner: synchronous loads feed this step's forward pass, so they
+            # start before it; asynchronous ones start after it.
+            if so.has_sync_kv_loads:
+                self.worker.start_load_kv(None)
+            self._forward(so)
+            if not so.has_sync_kv_loads:
+                self.worker.start_load_kv(None)
             self.worker.wait_for_save()
             finished_sending, finished_recving = self.worker.get_finished(so.finished_req_ids)
             invalid = self.worker.get_block_ids_with_load_errors()
             self.load_errors_seen |= invalid
             wmeta = self.worker.build_connector_worker_meta()
             self.worker.clear_connector_metadata()
-            for req_id in finished_recving or ():
+            sync_done = [op.req_id for op in so.kv_connector_metadata.plan.loads if op.sync]
+            for req_id in [*sync_done, *(finished_recving or ())]:
                 self._verify_loaded(req_id, invalid)
             connector_output = KVConnectorOutput(
                 finished_sending=finished_sending, finished_recving=finished_recving,

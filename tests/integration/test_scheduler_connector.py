@@ -77,6 +77,27 @@ def test_disk_only_tier_onboards_through_staging(tiny_model, tmp_path):
     h.assert_no_leaks()
 
 
+@pytest.mark.parametrize("sync_load_max_ms", [0, 1000])
+def test_disk_loads_between_steps_and_within_the_step(tiny_model, tmp_path, sync_load_max_ms):
+    h = make_harness(tiny_model, disk_only(tmp_path, sync_load_max_ms=sync_load_max_ms))
+    p = prompt(14, 9 * BLOCK)
+    h.add("r0", p)
+    h.run()
+    h.drain()
+    h.scheduler.reset_prefix_cache()
+    h.add("r1", p + [5])
+    h.step()
+    req = h.scheduler.requests["r1"]
+    if sync_load_max_ms:
+        # Loaded before the forward pass of the very step that scheduled it.
+        assert req.status == RequestStatus.RUNNING and h.verified_loads == 9
+    else:
+        assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    h.run()
+    assert h.verified_loads == 9
+    h.assert_no_leaks()
+
+
 def test_corrupt_disk_block_is_recomputed_not_served(tiny_model, tmp_path):
     h = make_harness(tiny_model, disk_only(tmp_path))
     p = prompt(5, 8 * BLOCK + 1)
@@ -142,7 +163,8 @@ def test_preemption_keeps_outputs_and_loses_nothing(tiny_model):
 
 
 def test_request_aborted_mid_load_frees_blocks_once(tiny_model, tmp_path):
-    h = make_harness(tiny_model, disk_only(tmp_path))
+    # Loads between steps (the abort lands while the disk read is in flight).
+    h = make_harness(tiny_model, disk_only(tmp_path, sync_load_max_ms=0))
     p = prompt(7, 10 * BLOCK + 2)
     h.add("r0", p)
     h.run()

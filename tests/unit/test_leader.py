@@ -61,7 +61,7 @@ def test_full_host_tier_drops_offloads_instead_of_stalling():
 
 
 def test_load_pins_sources_until_reported_and_never_matches_whole_prompt():
-    leader = make(host_cache_blocks=32)
+    leader = make(host_cache_blocks=32, sync_load_max_ms=0)  # between steps
     tokens = list(range(3, 3 + 4 * BT))
     offload(leader, "a", tokens)
     assert leader.match("b", tokens, 0) == 3 * BT      # the last token is computed
@@ -70,6 +70,7 @@ def test_load_pins_sources_until_reported_and_never_matches_whole_prompt():
     (op,) = plan.loads
     assert op.device_block_ids == [50, 51, 52] and NO_SLOT not in op.g2_slots
     assert leader.g2.num_active == 3
+    assert leader.is_async_load("b")
     assert leader.finish("b") is True, "a load in flight keeps the device blocks"
     leader.on_report(WorkerReport(loads=[LoadResult("b", [], [])]))
     assert leader.g2.num_active == 0 and not leader.busy
@@ -141,3 +142,30 @@ def test_salts_isolate_tenants(salt):
     confirm_stores(leader, leader.take_plan())
     expected = 2 * BT if salt == "t1" else 0
     assert leader.match("b", tokens, 0, cache_salt=salt) == expected
+
+
+def test_small_loads_run_inside_the_step_and_hold_nothing():
+    leader = make(host_cache_blocks=32)     # default: loads up to 20 ms run in the step
+    tokens = list(range(3, 3 + 4 * BT))
+    offload(leader, "a", tokens)
+    assert leader.match("b", tokens, 0) == 3 * BT
+    assert not leader.is_async_load("b")
+    leader.begin_onboard("b", [50, 51, 52, 53], 3 * BT)
+    (op,) = leader.take_plan().loads
+    assert op.sync
+    assert leader.finish("b") is False, "a synchronous load is done before the step ends"
+    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [])]))
+    assert leader.g2.num_active == 0 and not leader.busy
+
+
+def test_disk_only_staging_is_bounded_and_long_hits_are_cut(tmp_path):
+    # No host cache: G2 only stages, one request's worth at most.
+    leader = make(disk_cache_blocks=512, disk_dir=str(tmp_path), disk_admission="always")
+    assert leader.layout.num_g2_slots == 64 + 64
+    assert not leader.host_caches
+    leader._recovered = True
+    tokens = list(range(3, 3 + 100 * BT))
+    leader.g3.restore([(i, k) for i, k in enumerate(
+        leader.hasher.hash_blocks(tokens, salt=salt_hash()))])
+    # 99 blocks on disk, but only half the 128 staging slots may be taken by one match.
+    assert leader.match("a", tokens, 0) == 64 * BT

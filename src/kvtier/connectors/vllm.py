@@ -159,7 +159,7 @@ class KvtierConnector(KVConnectorBase_V1):
                                        lora_name=lora)
         if num_tokens is None:
             return None, False
-        return num_tokens, num_tokens > 0
+        return num_tokens, num_tokens > 0 and self.leader.is_async_load(request.request_id)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
