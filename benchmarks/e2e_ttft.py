@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
-from kvtier.cli.tiny_model import make_tiny_llama, random_words  # noqa: E402
-from kvtier.cli.vllm_job import run_job_process  # noqa: E402
+from kvtier.cli.tiny_model import make_tiny_llama, random_words
+from kvtier.cli.vllm_job import run_job_process
 
 
 def free_port() -> int:

@@ -5,4 +5,4 @@ from kvtier.errors import KvtierError
 from kvtier.tiers import Tier
 
 __version__ = "0.1.0"
-__all__ = ["KvtierConfig", "KvtierError", "Tier", "load_config", "__version__"]
+__all__ = ["KvtierConfig", "KvtierError", "Tier", "__version__", "load_config"]

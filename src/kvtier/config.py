@@ -237,7 +237,7 @@ def _parse(key: str, value: Any, source: str) -> Any:
                 raise ValueError
             return float(value)
         if not isinstance(value, (str, os.PathLike)):
-            raise ValueError
+            raise TypeError
         return str(value)
     except (TypeError, ValueError):
         shown = redact_url(str(value)) if key == "remote_url" else repr(value)

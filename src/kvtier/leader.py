@@ -30,8 +30,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Gauge
-
 from kvtier.config import KvtierConfig
 from kvtier.events.types import EventBuffer
 from kvtier.hashing import BlockHasher, salt_hash, vllm_extra_keys
@@ -152,7 +150,8 @@ class Leader:
         self._held_staging: set[int] = set()
         self._probe_wait_s = (_PROBE_WAIT_TIMEOUTS * config.remote_timeout_ms / 1000
                               + _PROBE_WAIT_MARGIN_S)
-        self._remote_metrics = _RemoteMetrics(self.metrics) if self.has_remote else None
+        if self.has_remote:
+            self.metrics.remote_healthy.set(1)
         self._probe_timeout_logged = False
         self._plan = StepPlan(layout=self.layout)
         self._step_started = 0.0
@@ -297,8 +296,8 @@ class Leader:
             self._restore_disk_index(report.recovered)
         if report.remote_healthy is not None:
             self._set_remote_health(report.remote_healthy)
-        if report.remote_stats and self._remote_metrics is not None:
-            self._remote_metrics.record(report.remote_stats)
+        if report.remote_stats and self.has_remote:
+            self.metrics.record_remote_events(report.remote_stats)
         for req_id, num in report.remote_present.items():
             self._probe_answered(req_id, num)
         for slot in report.stores_ok:
@@ -420,7 +419,7 @@ class Leader:
         log("kvtier: no answer from the remote tier's lookup for request %s after %.1f s; "
             "matching without it (further cases are logged at debug level)", req.req_id,
             now - req.probe_sent)
-        self._remote_metrics.events.labels("probe_timeouts").inc()
+        self.metrics.remote_events.labels("probe_timeouts").inc()
         req.probe_state, req.probe_present = _PROBED, 0
         return False
 
@@ -436,8 +435,8 @@ class Leader:
         if healthy == self._remote_healthy:
             return
         self._remote_healthy = healthy
-        if self._remote_metrics is not None:
-            self._remote_metrics.healthy.set(1 if healthy else 0)
+        if self.has_remote:
+            self.metrics.remote_healthy.set(1 if healthy else 0)
         if not healthy:
             # Requests waiting for a probe match without G4 now; what the store held before
             # the outage may be gone after it.
@@ -693,24 +692,3 @@ class Leader:
         valid = [(slot, key) for slot, key in entries if 0 <= slot < self.g3.num_blocks]
         self.g3.restore(valid)
         logger.info("kvtier: disk tier recovered %d blocks from a previous run", len(valid))
-
-
-class _RemoteMetrics:
-    """G4 health and fault counters, in the leader's registry."""
-
-    def __init__(self, metrics: KvtierMetrics) -> None:
-        self._metrics = metrics
-        self.events = Counter("kvtier_remote_events",
-                              "Remote tier events: errors, timeouts, unavailable (blocks asked "
-                              "while down), reconnects, probe_timeouts, ...", ["event"],
-                              registry=metrics.registry)
-        self.healthy = Gauge("kvtier_remote_healthy", "1 while the remote tier answers",
-                             registry=metrics.registry)
-        self.healthy.set(1)
-
-    def record(self, deltas: dict[str, int]) -> None:
-        for name, delta in deltas.items():
-            if delta > 0:
-                self.events.labels(name).inc(delta)
-        # Remote blocks that failed verification count with the other tiers' failures.
-        self._metrics.checksum_failures.inc(max(deltas.get("checksum_failures", 0), 0))

@@ -52,6 +52,20 @@ class KvtierMetrics:
         self.tier_blocks = Gauge("kvtier_tier_used_blocks", "Registered blocks held, by tier",
                                  ["tier"], registry=r)
 
+        self.remote_events = Counter("kvtier_remote_events",
+                                     "Remote tier events: errors, timeouts, unavailable (blocks "
+                                     "asked while down), reconnects, probe_timeouts, ...",
+                                     ["event"], registry=r)
+        self.remote_healthy = Gauge("kvtier_remote_healthy", "1 while the remote tier answers",
+                                    registry=r)
+
+    def record_remote_events(self, deltas: dict[str, int]) -> None:
+        for name, delta in deltas.items():
+            if delta > 0:
+                self.remote_events.labels(name).inc(delta)
+        # Remote blocks that failed verification count with the other tiers' failures.
+        self.checksum_failures.inc(max(deltas.get("checksum_failures", 0), 0))
+
     def record_transfer(self, direction: str, num_blocks: int, num_bytes: int,
                         seconds: float) -> None:
         self.blocks.labels(direction).inc(num_blocks)

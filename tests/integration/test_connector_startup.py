@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sched_harness import HEAD, HEADS, LAYERS, make_harness
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from kvtier.connectors.vllm import KvtierConnector
 from kvtier.errors import ConfigError, LayoutError, StorageError
-from sched_harness import HEAD, HEADS, LAYERS, make_harness
 
 
 def vllm_config(tiny_model, extra):

@@ -10,9 +10,8 @@ import os
 import random
 
 import pytest
-from vllm.v1.request import RequestStatus
-
 from sched_harness import BLOCK, make_harness
+from vllm.v1.request import RequestStatus
 
 
 def prompt(seed: int, n: int) -> list[int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from servers import free_port
+
 from kvtier.cli.demo import conversation_prompts
 from kvtier.cli.vllm_job import run_job_process
 

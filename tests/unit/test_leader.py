@@ -6,7 +6,6 @@ from kvtier.config import KvtierConfig
 from kvtier.hashing import salt_hash
 from kvtier.leader import Leader
 from kvtier.protocol import NO_SLOT, LoadResult, WorkerReport
-from kvtier.tiers import Tier
 
 BT = 16
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     early = [p for row in prompts[:-1] for p in row]
     runs = [("vLLM alone (recompute)", base_job),
-            ("vLLM + kvtier, turns 1..%d" % (len(prompts) - 1), kvtier_job(early)),
+            (f"vLLM + kvtier, turns 1..{len(prompts) - 1}", kvtier_job(early)),
             # A new engine process: its host tier is empty, the histories are on disk.
             ("kvtier after a restart, last turn", kvtier_job(prompts[-1]))]
     results = []
@@ -132,8 +132,8 @@ def _free_port() -> int:
 
 def _table(prompts, base, kvtier) -> str:
     users, last = len(prompts[0]), len(prompts) - 1
-    rows = [f"{'turn':>4} {'user':>4} {'prompt tokens':>13} {'TTFT vLLM':>10} "
-            f"{'TTFT kvtier':>11}  history from"]
+    rows = [(f"{'turn':>4} {'user':>4} {'prompt tokens':>13} {'TTFT vLLM':>10} "
+             f"{'TTFT kvtier':>11}  history from")]
     for t, row in enumerate(prompts):
         for u, p in enumerate(row):
             i = t * users + u

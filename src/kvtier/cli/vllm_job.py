@@ -94,14 +94,10 @@ def run_job_process(job: dict, *, timeout_s: float = 900, log_path: str | None =
         json.dump(job, f)
         spec = f.name
     try:
-        log = open(log_path, "a") if log_path else subprocess.DEVNULL
-        try:
+        with open(log_path or os.devnull, "a") as log:
             proc = subprocess.run([sys.executable, "-m", "kvtier.cli.vllm_job", spec],
                                   stdout=subprocess.PIPE, stderr=log, text=True,
-                                  timeout=timeout_s)
-        finally:
-            if log_path:
-                log.close()
+                                  timeout=timeout_s, check=False)
     finally:
         os.unlink(spec)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"')]
@@ -115,7 +111,10 @@ def run_job_process(job: dict, *, timeout_s: float = 900, log_path: str | None =
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = argv[0]
-    job = json.loads(open(spec).read() if os.path.exists(spec) else spec)
+    if os.path.exists(spec):
+        with open(spec) as f:
+            spec = f.read()
+    job = json.loads(spec)
     result = run_job(job)
     sys.stdout.flush()
     print(json.dumps(result), flush=True)

@@ -21,7 +21,7 @@ _LOAD_OVERHEAD_S = 0.001
 class Ewma:
     """Exponentially weighted mean that starts at a prior and follows measurements."""
 
-    __slots__ = ("value", "alpha", "samples")
+    __slots__ = ("alpha", "samples", "value")
 
     def __init__(self, prior: float, alpha: float = 0.2) -> None:
         self.value = prior

@@ -26,9 +26,10 @@ remote.get     ``RemoteBackend.batch_get_into``'s call     ``timeout`` (the call
                                                            (one value's payload byte flipped)
 =============  ==========================================  ========================================
 
-A rule skips its first ``after`` matching calls, then fires with ``probability`` (a seeded RNG,
-so a run repeats) at most ``times`` times (``None``: no limit). ``fired`` counts what fired, for
-reports. Rules may be armed and disarmed from any thread.
+A rule skips its first ``after`` matching calls, then fires with ``probability`` (a seeded RNG;
+with several I/O threads, which call it hits still depends on their timing) at most ``times``
+times (``None``: no limit). ``fired`` counts what fired, for reports. Rules may be armed and
+disarmed from any thread; the first armed rule that fires on a call wins.
 
     with faults.armed("disk.read", "eio", probability=0.5, seed=1):
         ...                                    # half the disk reads fail with EIO
@@ -49,8 +50,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.storage.block_format import HEADER_BYTES  # the first payload byte follows it
 
-HEADER_BYTES = 64  # block_format.HEADER_BYTES; the first payload byte follows it
 _PAGE = 4096  # O_DIRECT alignment of a partial transfer
 
 KINDS: dict[str, tuple[str, ...]] = {
