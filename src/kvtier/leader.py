@@ -458,16 +458,13 @@ class Leader:
         self._remote_keys.pop(key, None)
 
     def _cap_staging(self, tiers: list[Tier]) -> list[Tier]:
-        """Cut a match where its disk/remote blocks would need more G2 staging slots than
-        G2 can give now (half of what is free or evictable: stores need slots too)."""
-        room = (self.g2.num_free + self.g2.num_inactive) // 2 if self.g2 is not None else 0
-        staged = 0
-        for i, tier in enumerate(tiers):
-            if tier is not Tier.G2:
-                staged += 1
-                if staged > room:
-                    return tiers[:i]
-        return tiers
+        """Cut a match where pinning its G2 sources and staging its disk/remote blocks would
+        take more G2 slots than are free or evictable now (a few stay for offloads)."""
+        if self.g2 is None or Tier.G3 not in tiers and Tier.G4 not in tiers:
+            return tiers
+        reserve = min(_MIN_STAGING_BLOCKS, self.g2.num_blocks // 8)
+        room = self.g2.num_free + self.g2.num_inactive - reserve
+        return tiers[:max(room, 0)]
 
     def _pin_for_load(self, key: BlockKey, tier: Tier, op: LoadOp, load: _Load) -> Tier | None:
         """Pin block ``key``'s source and pick its G2 slot; NO_SLOT makes it a load error."""

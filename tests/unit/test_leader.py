@@ -163,8 +163,8 @@ def test_disk_only_staging_is_bounded_and_long_hits_are_cut(tmp_path):
     assert leader.layout.num_g2_slots == 64 + 64
     assert not leader.host_caches
     leader._recovered = True
-    tokens = list(range(3, 3 + 100 * BT))
+    tokens = list(range(3, 3 + 200 * BT))
     leader.g3.restore([(i, k) for i, k in enumerate(
         leader.hasher.hash_blocks(tokens, salt=salt_hash()))])
-    # 99 blocks on disk, but only half the 128 staging slots may be taken by one match.
-    assert leader.match("a", tokens, 0) == 64 * BT
+    # 199 blocks on disk, but one match takes at most the 128 staging slots less a reserve.
+    assert leader.match("a", tokens, 0) == (128 - 16) * BT
