@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,6 +128,8 @@ class KvtierConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KvtierConfig)}
+# Largest accepted float setting (1 PB as a tier size in GB; far beyond any timeout in ms).
+_MAX_FLOAT_SETTING = 1e6
 
 # KVBM's environment variables, accepted so its users can switch without edits.
 KVBM_ALIASES = {
@@ -183,9 +186,11 @@ def load_config(extra: Mapping[str, Any] | None = None,
 
 def _read_file(path: Path) -> Mapping[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # not text, or a NUL in the path
+        raise ConfigError(f"cannot read config file {path!r}: {exc}") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -202,7 +207,10 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a table of settings")
     # Allow the settings at top level or under a [kvtier] table.
-    return data.get("kvtier", data)
+    data = data.get("kvtier", data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path}: [kvtier] must be a table of settings")
+    return data
 
 
 def _parse_all(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -235,7 +243,11 @@ def _parse(key: str, value: Any, source: str) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            # inf/nan, or sizes whose bytes overflow, are typos, not tier sizes.
+            if not math.isfinite(number) or abs(number) > _MAX_FLOAT_SETTING:
+                raise ValueError
+            return number
         if not isinstance(value, (str, os.PathLike)):
             raise TypeError
         return str(value)

@@ -663,7 +663,8 @@ class Leader:
                          if t is tier and i not in failed)
             if served:
                 self.metrics.record_match(tier, served, self.block_tokens)
-        num_failed = len(failed) + sum(1 for t in load.source_tiers if t is None)
+        # Unpinnable blocks (no source) are in the worker's failed list too: count each once.
+        num_failed = len(failed | {i for i, t in enumerate(load.source_tiers) if t is None})
         if num_failed:
             self.metrics.load_errors.inc(num_failed)
         if corrupt:

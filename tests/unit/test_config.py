@@ -84,3 +84,20 @@ def test_blocks_win_over_gb():
     assert cfg.num_blocks(cfg.host_cache_gb, cfg.host_cache_blocks, 1 << 20) == 10
     cfg = KvtierConfig(host_cache_gb=1)
     assert cfg.num_blocks(cfg.host_cache_gb, cfg.host_cache_blocks, 10**6) == 1000
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "inf", "nan", 1e300])
+def test_non_finite_or_absurd_sizes_are_rejected(value):
+    with pytest.raises(ConfigError, match="host_cache_gb"):
+        load_config({"host_cache_gb": value}, env={})
+
+
+def test_non_table_section_and_binary_file_are_config_errors(tmp_path):
+    f = tmp_path / "k.toml"
+    f.write_text("kvtier = 3\n")
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_config(env={"KVTIER_CONFIG": str(f)})
+    b = tmp_path / "b.toml"
+    b.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={"KVTIER_CONFIG": str(b)})
