@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -257,14 +258,24 @@ def _parse(key: str, value: Any, source: str) -> Any:
 
 
 def redact_url(url: str) -> str:
-    """Drop credentials from a URL so it can be logged or used as a label."""
+    """Drop credentials from a URL so it can be logged or used as a label: the user-info
+    part (up to the LAST '@' of the authority, as URL parsers split it) and any password or
+    token query parameter."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    authority = rest.split("/", 1)[0]
-    if "@" not in authority:
-        return url
-    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
+    authority, slash, tail = rest.partition("/")
+    if "?" in authority and not slash:
+        authority, qmark, query = authority.partition("?")
+        tail = qmark + query
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    tail = _SECRET_PARAM.sub(r"\1***", tail)
+    return f"{scheme}{sep}{authority}{slash}{tail}"
+
+
+_SECRET_PARAM = re.compile(r"((?:^|[?&;])(?:password|passwd|pwd|token|secret|"
+                           r"access_key|secret_key)=)[^&;#]*", re.IGNORECASE)
 
 
 def _check_non_negative(cfg: KvtierConfig, keys: tuple[str, ...]) -> None:

@@ -646,8 +646,15 @@ class Leader:
                     bad_g2.append(key)
                 continue
             if tier is Tier.G4 and i in failed:
-                # Missing, corrupt or late: the store is not to be trusted with it for now.
+                # Missing, corrupt or late: the store is not to be trusted with it for now,
+                # nor is the request's probe answer from this block on (else the retried
+                # request would be promised the same bad block again, forever).
                 self._forget_remote(key)
+                req = self._requests.get(req_id)
+                if req is not None:
+                    block = req.match_start + i
+                    req.probe_present = min(req.probe_present,
+                                            max(block - req.probe_start, 0))
                 if i in held:
                     self._held_staging.add(slot)  # released when no late write can land
                     continue
