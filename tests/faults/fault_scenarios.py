@@ -1,11 +1,15 @@
 """The fault matrix as code: kvtier under vLLM's real scheduler, one fault per scenario.
 
-Shared by the tests in this directory and by ``benchmarks/faults.py``. Each scenario builds the
-integration harness (``tests/integration/sched_harness.py``: vLLM's v1 Scheduler, kvtier's
-connector in both roles, real tiers), injects one fault (``kvtier.storage.faults`` hooks, real
+Shared by the tests in this directory and by ``benchmarks/faults.py``. Each engine scenario
+builds the integration harness (``tests/integration/sched_harness.py``: vLLM's v1 Scheduler,
+kvtier's connector in both roles, real tiers), injects one fault (``kvtier.storage.faults`` hooks, real
 file damage, real process kills or engine-side events), and returns an ``Outcome``: what a user
 would care about (wrong tokens, wrong blocks, leaked blocks, hung requests) and how often the
 fault showed up in kvtier's metrics or disk stats.
+
+The ``remote_*`` scenarios drive a ``RetryingBackend`` on a real Redis directly (G4 is not wired
+into the harness yet) and count wrong blocks the same way: reads reported good whose bytes
+differ.
 
 The harness "model" here makes every sampled token a function of the KV bytes of the whole
 context (``FaultHarness._next_token``), so a single wrong byte onboarded anywhere changes the
@@ -196,6 +200,14 @@ def close(h: Harness) -> None:
 
 def outcome(name: str, h: FaultHarness, specs: list[Spec], hung: list[str], *,
             fault_count: float, skip: set[str] = frozenset(), **details) -> Outcome:
+    """The outcome of a run. Hung requests count as hung, not as wrong tokens; they are
+    aborted first, so that the leak count shows blocks lost for good, not blocks a hung
+    request still holds."""
+    hung = list(dict.fromkeys(hung))
+    skip = set(skip) | set(hung)
+    for req_id in hung:
+        if req_id in h.scheduler.requests:
+            h.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
     out = Outcome(name, requests=len(specs), hung_requests=len(hung),
                   wrong_tokens=wrong_tokens(h, specs, skip), wrong_blocks=h.wrong_blocks,
                   verified_loads=h.verified_loads, fault_count=fault_count, details=details)
@@ -253,11 +265,12 @@ def disk_of(h: Harness):
 
 
 def _hooked_disk(name: str, point: str, kind: str, *, during: str, counted: Callable,
-                 model_dir: str, workdir: str, seed: int, probability: float = 0.5) -> Outcome:
-    """Two rounds on a disk-only tier with ``point:kind`` armed during the offload round
-    ("write") or the onboard round ("read")."""
+                 model_dir: str, workdir: str, seed: int, probability: float = 0.3) -> Outcome:
+    """Two rounds of 8 requests on a disk-only tier with ``point:kind`` armed during the
+    offload round ("write") or the onboard round ("read"). Which I/O call a fault hits depends
+    on thread timing; with ~30 calls at p=0.3 some fail and some succeed in every run."""
     h = make_fault_harness(model_dir, disk_only(workdir))
-    first, second = two_rounds(seed)
+    first, second = two_rounds(seed, num=8)
     try:
         if during == "write":
             with faults.armed(point, kind, probability=probability, seed=seed) as rule:
@@ -494,13 +507,94 @@ def host_g2_exhausted(model_dir, workdir, seed=12):
     h = make_fault_harness(model_dir, {"host_cache_blocks": 8, "onboard_mode": "always"},
                            num_blocks=512)
     first, second = two_rounds(seed, num=24)
+    alone, again = two_rounds(seed + 50, num=1, blocks=4, tag="solo")
     try:
         hung = offload_round(h, first, max_inflight=24)
         hung += drive(h, second, max_inflight=24)
-        return outcome("host_g2_exhausted", h, first + second, hung,
-                       fault_count=metric(h, "kvtier_dropped_offloads", tier="G2"),
-                       g2_hits=metric(h, "kvtier_matched_blocks", tier="G2"))
+        dropped = metric(h, "kvtier_dropped_offloads", tier="G2")
+        # Once the pressure is gone the tier works again: a lone request is served from it.
+        hung += offload_round(h, alone)
+        hits_before = metric(h, "kvtier_matched_blocks", tier="G2")
+        hung += drive(h, again)
+        return outcome("host_g2_exhausted", h, first + second + alone + again, hung,
+                       fault_count=dropped, dropped_under_load=dropped,
+                       g2_hits_after_load=metric(h, "kvtier_matched_blocks", tier="G2")
+                       - hits_before)
     finally:
+        close(h)
+
+
+def host_staging_exhausted(model_dir, workdir, seed=16, *, hold_steps: int = 40,
+                           max_steps: int = 3000):
+    """Every G2 slot is held (as in-flight offloads hold them under load) for ``hold_steps``
+    engine steps while disk hits are to be onboarded: no staging slot, so every planned block
+    fails and is recomputed. Once the slots come back, disk hits are served again."""
+    h = make_fault_harness(model_dir, disk_only(workdir))
+    first, second = two_rounds(seed)
+    third = [dataclasses.replace(s, req_id="c" + s.req_id[1:]) for s in second]
+    planned = 0
+    held: list[int] = []
+
+    def count_planned(so):
+        nonlocal planned
+        if held:
+            planned += sum(len(op.keys) for op in so.kv_connector_metadata.plan.loads)
+
+    def release_later(hh, step):
+        if step + 1 == hold_steps and held:
+            hh.leader.g2.release(held)
+            held.clear()
+
+    try:
+        hung = offload_round(h, first)
+        g2 = h.leader.g2
+        held.extend(g2.allocate(g2.num_free + g2.num_inactive))
+        errors_before = metric(h, "kvtier_load_errors")
+        skipped_before = metric(h, "kvtier_onboard_skipped_blocks")
+        hung += drive(h, second, before_worker=count_planned, after_step=release_later,
+                      max_steps=max_steps)
+        load_errors = metric(h, "kvtier_load_errors") - errors_before
+        # Blocks not promised for want of a staging slot are recomputed and counted as skipped.
+        skipped = metric(h, "kvtier_onboard_skipped_blocks") - skipped_before
+        if held:
+            g2.release(held)
+            held.clear()
+        g3_hits = metric(h, "kvtier_matched_blocks", tier="G3")
+        h.scheduler.reset_prefix_cache()
+        hung += drive(h, third)
+        return outcome("host_staging_exhausted", h, first + second + third, hung,
+                       fault_count=load_errors + skipped, planned_blocks=planned,
+                       load_errors=load_errors, skipped_blocks=skipped,
+                       g3_hits_after=metric(h, "kvtier_matched_blocks", tier="G3") - g3_hits)
+    finally:
+        close(h)
+
+
+def host_evicted_before_pin(model_dir, workdir, seed=17):
+    """The matched host blocks are gone by the time the engine reserved device blocks for them
+    (as when other requests' staging evicts them within the same schedule): every promised
+    block fails to pin and is recomputed, counted once as a load error."""
+    h = make_fault_harness(model_dir, {"host_cache_blocks": 256, "onboard_mode": "always"})
+    first, second = two_rounds(seed)
+    leader = h.leader
+    begin_onboard = leader.begin_onboard
+    planned = 0
+
+    def evict_then_begin(req_id, device_block_ids, num_external_tokens):
+        nonlocal planned
+        leader.reset()  # every cached block goes (the ones a transfer holds stay pinned)
+        planned += num_external_tokens // BLOCK
+        begin_onboard(req_id, device_block_ids, num_external_tokens)
+
+    try:
+        hung = offload_round(h, first)
+        leader.begin_onboard = evict_then_begin
+        hung += drive(h, second)
+        return outcome("host_evicted_before_pin", h, first + second, hung,
+                       fault_count=metric(h, "kvtier_load_errors"), planned_blocks=planned,
+                       load_errors=metric(h, "kvtier_load_errors"))
+    finally:
+        leader.begin_onboard = begin_onboard
         close(h)
 
 
@@ -508,37 +602,35 @@ def host_g2_exhausted(model_dir, workdir, seed=12):
 
 
 def engine_abort_mid_load(model_dir, workdir, seed=13):
-    """Requests aborted while their disk loads are in flight (slowed so they span steps):
-    some the step their load is planned, some a step later. The rest run correct, and the
-    aborted prompts asked again afterwards are served right."""
-    h = make_fault_harness(model_dir, disk_only(workdir))
+    """Requests aborted between steps right after the step that planned their load, while
+    slowed disk reads keep asynchronous loads in flight. The rest run correct, and the aborted
+    prompts asked again afterwards are served right."""
+    # Loads between steps: a load the leader would run inside the step leaves no window.
+    h = make_fault_harness(model_dir, {**disk_only(workdir), "sync_load_max_ms": 0})
     first, second = two_rounds(seed, num=8)
     aborted: set[str] = set()
+    planned_now: list[str] = []
     mid_load = 0
-    waiting: list[str] = []
 
-    def abort_some(so):
+    def note_loads(so):
+        planned_now.extend(op.req_id for op in so.kv_connector_metadata.plan.loads
+                           if int(op.req_id[1:]) % 2 == 0)  # half the requests
+
+    def abort_them(hh, step):
         nonlocal mid_load
-        for req_id in waiting:
-            req = h.scheduler.requests.get(req_id)
-            if req is not None and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                mid_load += 1
-            if req is not None:
-                h.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
-                aborted.add(req_id)
-        waiting.clear()
-        for op in so.kv_connector_metadata.plan.loads:
-            which = int(op.req_id[1:]) % 4
-            if which == 0:  # aborted before its load starts
-                h.scheduler.finish_requests(op.req_id, RequestStatus.FINISHED_ABORTED)
-                aborted.add(op.req_id)
-            elif which == 2:  # aborted next step, while its load runs
-                waiting.append(op.req_id)
+        for req_id in planned_now:
+            req = hh.scheduler.requests.get(req_id)
+            if req is None:
+                continue
+            mid_load += req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            hh.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
+            aborted.add(req_id)
+        planned_now.clear()
 
     try:
         hung = offload_round(h, first)
-        with faults.armed("disk.read", "delay", delay_s=0.02):
-            hung += drive(h, second, before_worker=abort_some)
+        with faults.armed("disk.read", "delay", delay_s=0.1):
+            hung += drive(h, second, before_worker=note_loads, after_step=abort_them)
         again = [dataclasses.replace(s, req_id="c" + s.req_id[1:]) for s in second
                  if s.req_id in aborted]
         hung += drive(h, again)
@@ -552,10 +644,10 @@ def engine_abort_mid_load(model_dir, workdir, seed=13):
 def engine_preemption_storm(model_dir, workdir, seed=14):
     """A device cache far too small for the batch: requests are preempted again and again
     while kvtier offloads and onboards them."""
-    h = make_fault_harness(model_dir, host_and_disk(workdir, host=128, disk=256), num_blocks=40,
-                           max_batched_tokens=1024, max_num_seqs=12)
-    specs = [Spec(f"p{i}", prompt(seed * 100 + i, 5 * BLOCK + i), max_tokens=3 * BLOCK)
-             for i in range(12)]
+    h = make_fault_harness(model_dir, host_and_disk(workdir, host=128, disk=256), num_blocks=32,
+                           max_batched_tokens=1024, max_num_seqs=16)
+    specs = [Spec(f"p{i}", prompt(seed * 100 + i, 2 * BLOCK + i), max_tokens=5 * BLOCK)
+             for i in range(16)]
     preempted = 0
 
     def count(so):
@@ -595,6 +687,269 @@ def engine_reset_during_transfers(model_dir, workdir, seed=15):
         close(h)
 
 
+# -- the remote tier (at the backend: G4 is not wired into the leader and worker yet) -----------------
+
+
+def _remote_run(name: str, seed: int, *, rounds: int = 8, password: str | None = None,
+                arm: Callable[[], list] = list, before_round: Callable | None = None,
+                start_down: bool = False, timeout_s: float = 0.3) -> Outcome:
+    """Rounds of put + get of 16 blocks through a ``RetryingBackend`` on a real Redis, with
+    ``arm()``'s faults and ``before_round(round, server)`` events. Wrong blocks: reads reported
+    good whose bytes differ; hung: rounds that did not return within 20 timeouts; leaked: a
+    timed-out call still able to write into caller buffers once everything settled."""
+    import threading
+
+    import numpy as np
+    from remote_cases import FINGERPRINT, make_blocks, views
+    from servers import RedisServer
+
+    from kvtier.storage.remote import RetryingBackend, make_namespace
+
+    out = Outcome(name)
+    server = RedisServer(password=password)
+    server.start()
+    if start_down:
+        server.stop()
+    tier = RetryingBackend(server.url, namespace=make_namespace(f"faults-{name}-{seed}",
+                                                               FINGERPRINT),
+                           timeout_s=timeout_s, initial_backoff_s=0.02, max_backoff_s=0.1)
+    keys, rows = make_blocks(16, 4096 + 64, seed=seed)
+    buf = np.zeros_like(rows)
+    served_last = 0
+    try:
+        rules = arm()
+        for rnd in range(rounds):
+            if before_round is not None:
+                before_round(rnd, server)
+            if rnd == rounds - 1:
+                faults.disarm()  # the last round shows whether the tier works again
+                time.sleep(0.15)
+            result: list = []
+
+            def one_round(result=result):
+                tier.maybe_reconnect()
+                tier.batch_put(keys, views(rows))
+                buf[:] = 0
+                result.append(tier.batch_get_into(keys, views(buf)))
+
+            t = threading.Thread(target=one_round, daemon=True)
+            t.start()
+            t.join(20 * timeout_s + 5)
+            out.requests += 1
+            if t.is_alive() or not result:
+                out.hung_requests += 1
+                continue
+            ok = result[0]
+            out.wrong_blocks += sum(1 for i, good in enumerate(ok)
+                                    if good and not np.array_equal(buf[i], rows[i]))
+            out.verified_loads += sum(ok)
+            served_last = sum(ok)
+        stats = tier.stats
+        out.fault_count = float(stats["timeouts"] + stats["errors"] + stats["checksum_failures"]
+                                + stats["unavailable"] + stats["put_failures"])
+        out.details = {"stats": stats, "injected": sum(r.fired for r in rules),
+                       "served_last_round": served_last}
+        deadline = time.monotonic() + 10
+        while not tier.drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out.leaked_blocks = 0 if tier.drained else 1
+        if served_last == 0:
+            out.error = "the remote tier did not serve again after the fault"
+    finally:
+        faults.disarm()
+        tier.close()
+        server.close()
+    return out
+
+
+def remote_store_slow(model_dir, workdir, seed=21):
+    return _remote_run("remote_store_slow", seed,
+                       arm=lambda: [faults.arm("remote.get", "timeout", probability=0.5,
+                                               seed=seed)])
+
+
+def remote_partial_batch(model_dir, workdir, seed=22):
+    return _remote_run("remote_partial_batch", seed, arm=lambda: [
+        faults.arm("remote.put", "partial", seed=seed),
+        faults.arm("remote.get", "partial", seed=seed + 1)])
+
+
+def remote_corrupt_value(model_dir, workdir, seed=23):
+    return _remote_run("remote_corrupt_value", seed, arm=lambda: [
+        faults.arm("remote.get", "corrupt", probability=0.7, seed=seed)])
+
+
+def remote_store_killed(model_dir, workdir, seed=24):
+    def events(rnd, server):
+        if rnd == 2:
+            server.kill()
+        elif rnd == 5:
+            server.start()
+
+    return _remote_run("remote_store_killed", seed, before_round=events,
+                       password="bench-secret")
+
+
+def remote_store_down_at_start(model_dir, workdir, seed=25):
+    def events(rnd, server):
+        if rnd == 3:
+            server.start()
+
+    return _remote_run("remote_store_down_at_start", seed, before_round=events,
+                       start_down=True)
+
+
+def _g4_engines(name: str, model_dir: str, seed: int, *, arm: Callable[[], list] = list,
+                events: Callable | None = None, start_down: bool = False,
+                damage: Callable | None = None, max_steps: int = 600) -> Outcome:
+    """Two engine instances on one real Redis: A (host tier + G4) computes and offloads; B
+    (G4 only) asks for the same prefixes with ``arm()``'s faults and ``events(b, step,
+    server)`` after its steps (``damage(server, a, first)`` may alter the store before B
+    starts). B must load what survives and recompute the rest: right tokens,
+    no leak and no hang in either, the fault counted in B's metrics. Finally, faults gone and
+    the store up (empty if it was killed), B offloads new prompts and loads them back from G4:
+    the remote tier works again."""
+    from servers import RedisServer
+
+    server = RedisServer()
+    server.start()
+    remote = {"remote_url": server.url, "model_id": f"faults/{name}/{seed}",
+              "onboard_mode": "always", "remote_timeout_ms": 300}
+    first, second = two_rounds(seed)
+    again_first, again_second = two_rounds(seed + 500, num=3, tag="z")
+    a = b = None
+    try:
+        a = make_fault_harness(model_dir, {**remote, "host_cache_blocks": 256})
+        hung = offload_round(a, first)
+        if damage is not None:
+            damage(server, a, first)
+        if start_down:
+            server.stop()
+        b = make_fault_harness(model_dir, remote)
+        rules = arm()
+        hung += drive(b, second, after_step=(lambda h, i: events(h, i, server))
+                      if events else None, max_steps=max_steps)
+        injected = sum(r.fired for r in rules)
+        faults.disarm()
+        if hung:  # no recovery phase: report what hung
+            out = outcome(name, b, second, hung, fault_count=_g4_counted(b),
+                          injected=injected)
+            out.leaked_blocks += count_leaks(a)
+            return out
+        if not server.pids:
+            server.start()
+        if not server.pids or server.pids and not _wait_healthy(b):
+            raise RuntimeError("instance B never saw the store again")
+        g4_before = metric(b, "kvtier_matched_blocks", tier="G4")
+        hung += offload_round(b, again_first)
+        hung += drive(b, again_second)
+        counted = _g4_counted(b)
+        out_a = outcome(name, a, first, [], fault_count=0.0)
+        out = outcome(name, b, second + again_first + again_second, hung,
+                      fault_count=counted, injected=injected,
+                      g4_hits_after=metric(b, "kvtier_matched_blocks", tier="G4") - g4_before)
+        out.wrong_tokens += out_a.wrong_tokens
+        out.wrong_blocks += out_a.wrong_blocks
+        out.leaked_blocks += out_a.leaked_blocks
+        out.requests += out_a.requests
+        if out.details["g4_hits_after"] == 0:
+            out.error = "G4 never served again after the fault"
+        return out
+    finally:
+        faults.disarm()
+        for h in (a, b):
+            if h is not None:
+                close(h)
+        server.close()
+
+
+def _g4_counted(h) -> float:
+    """Remote faults as kvtier's metrics show them."""
+    return (sum(h.leader.metrics.value("kvtier_remote_events", event=e)
+                for e in ("errors", "timeouts", "unavailable", "misses", "connect_failures"))
+            + metric(h, "kvtier_checksum_failures") + metric(h, "kvtier_load_errors"))
+
+
+def _wait_healthy(h, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        h.step()
+        if h.leader.metrics.value("kvtier_remote_healthy") == 1:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def g4_partial_batch(model_dir, workdir, seed=31):
+    return _g4_engines("g4_partial_batch", model_dir, seed, arm=lambda: [
+        faults.arm("remote.get", "partial", probability=0.5, seed=seed)])
+
+
+def _corrupt_stored_block(block_idx: int):
+    """A ``damage`` hook: flip one payload byte of block ``block_idx`` of every prompt in the
+    store itself (real bytes, as a bad disk or a buggy peer would leave them)."""
+    from kvtier.hashing import salt_hash
+    from kvtier.storage.remote import remote_key
+
+    def damage(server, a, specs):
+        raw = server.raw_client()
+        namespace = a.worker.worker.remote.namespace
+        for s in specs:
+            key = a.leader.hasher.hash_blocks(s.prompt, salt=salt_hash(None, None))[block_idx]
+            name = remote_key(namespace, key)
+            value = raw.get(name)
+            raw.setrange(name, 200, bytes([value[200] ^ 0xFF]))
+        raw.close()
+
+    return damage
+
+
+def g4_corrupt_stored(model_dir, workdir, seed=36, block_idx: int = 2):
+    return _g4_engines("g4_corrupt_stored", model_dir, seed,
+                       damage=_corrupt_stored_block(block_idx))
+
+
+def g4_corrupt_first_block(model_dir, workdir, seed=37):
+    return _g4_engines("g4_corrupt_first_block", model_dir, seed,
+                       damage=_corrupt_stored_block(0), max_steps=300)
+
+
+def g4_store_slow(model_dir, workdir, seed=33):
+    return _g4_engines("g4_store_slow", model_dir, seed, arm=lambda: [
+        faults.arm("remote.get", "timeout", times=2, seed=seed)])
+
+
+def g4_store_killed(model_dir, workdir, seed=34):
+    def kill_once(h, step, server):
+        if step == 1 and server.pids:
+            server.kill()
+
+    return _g4_engines("g4_store_killed", model_dir, seed, events=kill_once)
+
+
+def g4_store_down_at_start(model_dir, workdir, seed=35):
+    return _g4_engines("g4_store_down_at_start", model_dir, seed, start_down=True)
+
+
+G4_SCENARIOS: dict[str, Callable[..., Outcome]] = {
+    "g4_store_down_at_start": g4_store_down_at_start,
+    "g4_store_killed": g4_store_killed,
+    "g4_store_slow": g4_store_slow,
+    "g4_partial_batch": g4_partial_batch,
+    "g4_corrupt_stored": g4_corrupt_stored,
+    "g4_corrupt_first_block": g4_corrupt_first_block,
+}
+
+
+REMOTE_SCENARIOS: dict[str, Callable[..., Outcome]] = {
+    "remote_store_down_at_start": remote_store_down_at_start,
+    "remote_store_killed": remote_store_killed,
+    "remote_store_slow": remote_store_slow,
+    "remote_partial_batch": remote_partial_batch,
+    "remote_corrupt_value": remote_corrupt_value,
+}
+
+
 # -- the matrix -----------------------------------------------------------------------------------------
 
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
@@ -610,6 +965,8 @@ SCENARIOS: dict[str, Callable[..., Outcome]] = {
     "disk_dir_removed": disk_dir_removed,
     "disk_crash_restart": disk_crash_restart,
     "host_g2_exhausted": host_g2_exhausted,
+    "host_staging_exhausted": host_staging_exhausted,
+    "host_evicted_before_pin": host_evicted_before_pin,
     "engine_abort_mid_load": engine_abort_mid_load,
     "engine_preemption_storm": engine_preemption_storm,
     "engine_reset_during_transfers": engine_reset_during_transfers,
@@ -619,7 +976,7 @@ SCENARIOS: dict[str, Callable[..., Outcome]] = {
 def run_scenario(name: str, model_dir: str, workdir: str | Path, seed: int | None = None
                  ) -> Outcome:
     """Run one scenario; an exception is an outcome too (not survived), never a crash."""
-    fn = SCENARIOS[name]
+    fn = SCENARIOS.get(name) or G4_SCENARIOS.get(name) or REMOTE_SCENARIOS[name]
     try:
         return fn(model_dir, str(workdir)) if seed is None else fn(model_dir, str(workdir),
                                                                     seed)
