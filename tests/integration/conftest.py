@@ -1,6 +1,6 @@
 """Server fixtures for integration tests: real stores on loopback, stopped by PID afterwards.
 
-A missing server binary skips the test, or fails it when ``KVTIER_REQUIRE_SERVERS=1`` (CI).
+A missing server binary skips the test, or fails it when ``REQUIRE_TEST_SERVERS=1`` (CI).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def _need(kind: str) -> None:
     if not missing:
         return
     message = f"{kind} server not installed: {', '.join(missing)}"
-    if os.environ.get("KVTIER_REQUIRE_SERVERS") == "1":
+    if os.environ.get("REQUIRE_TEST_SERVERS") == "1":
         pytest.fail(message)
     pytest.skip(message)
 

@@ -7,7 +7,7 @@ store (SIGSTOP .. SIGCONT) and a store coming back on the same ports.
 Binaries: ``redis-server`` (Debian package ``redis-server``); ``mooncake_master`` and
 ``mooncake_client`` from the PyPI wheel ``mooncake-transfer-engine-non-cuda`` (its native
 libraries need Debian's ``libibverbs1``). ``missing_binaries()`` says what is absent so tests can
-skip, unless ``KVTIER_REQUIRE_SERVERS=1`` (CI) turns that into a failure.
+skip, unless ``REQUIRE_TEST_SERVERS=1`` (CI) turns that into a failure.
 
 Mooncake's metadata HTTP port listens on 0.0.0.0 whatever ``--http_metadata_server_host`` says
 (reference/ENVIRONMENT.md §7); the other ports honour 127.0.0.1.
