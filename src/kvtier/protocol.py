@@ -121,14 +121,11 @@ class StepPlan:
     remote_puts: SlotKeys = dataclasses.field(default_factory=SlotKeys)
     # Request id -> keys to look up in G4 (answered in WorkerReport.remote_present).
     remote_probes: dict[str, list[BlockKey]] = dataclasses.field(default_factory=dict)
-    # Requests whose device blocks the engine keeps until the workers report them sent.
-    held_req_ids: list[str] = dataclasses.field(default_factory=list)
     layout: TierLayout | None = None
 
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.disk_writes or self.disk_discards
-                    or self.remote_puts or self.remote_probes or self.held_req_ids
-                    or self.layout)
+                    or self.remote_puts or self.remote_probes or self.layout)
 
     def validate(self) -> None:
         for load in self.loads:
