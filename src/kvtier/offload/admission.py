@@ -8,13 +8,12 @@ with ``make_admission_policy(name, **options)``. No torch, no I/O.
 from __future__ import annotations
 
 import abc
-import importlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from kvtier.errors import ConfigError
+from kvtier.registry import Registry
 from kvtier.storage.block_format import BlockKey
 
 __all__ = [
@@ -36,48 +35,20 @@ class AdmissionPolicy(abc.ABC):
         """Offer ``key``: True if it should be written to the tier."""
 
 
-_POLICIES: dict[str, type[AdmissionPolicy]] = {}
-# Modules whose import registers more built-in policies (imported on first unknown name).
-_BUILTIN_MODULES = ("kvtier.offload.tinylfu",)
-
-
-def register_admission_policy(cls: type[AdmissionPolicy]) -> type[AdmissionPolicy]:
-    """Class decorator: make ``cls`` available to ``make_admission_policy`` as ``cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, AdmissionPolicy)):
-        raise TypeError(f"{cls!r} is not an AdmissionPolicy subclass")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    known = _POLICIES.get(name)
-    if known is not None and known is not cls:
-        raise ValueError(f"admission policy name {name!r} is taken by {known.__qualname__}")
-    _POLICIES[name] = cls
-    return cls
+# More built-in policies register when kvtier.offload.tinylfu is imported.
+_REGISTRY: Registry[type[AdmissionPolicy]] = Registry("admission policy", AdmissionPolicy,
+                                                      ("kvtier.offload.tinylfu",))
+register_admission_policy = _REGISTRY.register
 
 
 def admission_policy_names() -> list[str]:
     """Every registered policy name, built-in modules included."""
-    _import_builtin_modules()
-    return sorted(_POLICIES)
-
-
-def _import_builtin_modules() -> None:
-    for module_name in _BUILTIN_MODULES:
-        if module_name in sys.modules:
-            continue
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
+    return _REGISTRY.names()
 
 
 def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
     """A policy by registered name; ``options`` go to its constructor."""
-    cls = _POLICIES.get(name)
-    if cls is None:
-        _import_builtin_modules()
-        cls = _POLICIES.get(name)
+    cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"admission policy {name!r} is not known: use one of "
                           f"{', '.join(admission_policy_names())}")

@@ -7,7 +7,7 @@ owns states, references and the registry.
 
 Policies register by name with ``@register_policy``; ``make_eviction_policy`` builds one by
 name or by a ``"package.module.Class"`` path to a user class. Names it does not know yet are
-looked up again after importing the built-in policy modules (``_BUILTIN_MODULES``), so that a
+looked up again after importing the built-in policy modules (``kvtier.registry``), so that a
 config can name any built-in policy without importing its module first.
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import abc
 import bisect
 import importlib
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
 
 from kvtier.errors import ConfigError
+from kvtier.registry import Registry
 from kvtier.storage.block_format import BlockKey
 
 __all__ = [
@@ -80,58 +80,26 @@ class EvictionPolicy(abc.ABC):
         """Number of evictable blocks the policy holds."""
 
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {}
-# Modules whose import registers more built-in policies (imported on first unknown name).
-_BUILTIN_MODULES = ("kvtier.pools.policies",)
-
-
-def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-    """Class decorator: make ``cls`` available to ``make_eviction_policy`` as ``cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
-        raise TypeError(f"{cls!r} is not an EvictionPolicy subclass")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    known = _POLICIES.get(name)
-    if known is not None and known is not cls:
-        raise ValueError(f"eviction policy name {name!r} is taken by {known.__qualname__}")
-    _POLICIES[name] = cls
-    return cls
+# Built-in policies beyond this module register when kvtier.pools.policies is imported.
+_REGISTRY: Registry[type[EvictionPolicy]] = Registry("eviction policy", EvictionPolicy,
+                                                     ("kvtier.pools.policies",))
+register_policy = _REGISTRY.register
 
 
 def eviction_policy_names() -> list[str]:
     """Every registered policy name, built-in modules included."""
-    _import_builtin_modules(_BUILTIN_MODULES)
-    return sorted(_POLICIES)
+    return _REGISTRY.names()
 
 
 def make_eviction_policy(name_or_dotted_path: str, num_blocks: int) -> EvictionPolicy:
     """A policy for a pool of ``num_blocks`` blocks, by registered name or ``"pkg.mod.Class"``."""
-    cls = _POLICIES.get(name_or_dotted_path)
-    if cls is None and _import_builtin_modules(_BUILTIN_MODULES):
-        cls = _POLICIES.get(name_or_dotted_path)
+    cls = _REGISTRY.get(name_or_dotted_path)
     if cls is None and "." in name_or_dotted_path:
         cls = _import_policy(name_or_dotted_path)
     if cls is None:
         raise ConfigError(f"eviction policy {name_or_dotted_path!r} is not known: use one of "
                           f"{', '.join(eviction_policy_names())} or a 'module.Class' path")
     return cls(num_blocks)
-
-
-def _import_builtin_modules(modules: tuple[str, ...]) -> bool:
-    """Import the modules that register built-in policies; False if none was new."""
-    imported = False
-    for module_name in modules:
-        if module_name in sys.modules:
-            continue
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        imported = True
-    return imported
 
 
 def _import_policy(path: str) -> type[EvictionPolicy]:
