@@ -7,8 +7,9 @@ Three engines, one after the other, on a tiny random-weight Llama (no download):
      reload their history from the host tier (G2);
   3. a new vLLM + kvtier process on the last turn: the host tier died with the old process,
      the histories load from the disk tier (G3).
-It prints TTFT per turn for each, tokens served per tier, whether outputs are identical, and
-writes a PNG chart of TTFT per turn.
+It prints TTFT per turn for each, tokens served per tier, whether outputs are identical (greedy
+tokens, and every token's logprob within the tolerance of ``kvtier.cli.oracle``, in float32),
+and writes a PNG chart of TTFT per turn. It exits non-zero only when the outputs differ.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kvtier.cli.oracle import compare, join
 from kvtier.cli.tiny_model import make_tiny_llama, random_words
 from kvtier.cli.vllm_job import run_job_process
 
@@ -97,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     base, tiered, restarted = (r["phases"][0] for r in results)
     kv_ttft = tiered["ttft_s"] + restarted["ttft_s"]
-    kv_outputs = tiered["outputs"] + restarted["outputs"]
-    identical = base["outputs"] == kv_outputs
+    verdict = compare(base, join([tiered, restarted]))
     print()
     print(_table(prompts, base["ttft_s"], kv_ttft))
     print()
@@ -112,14 +113,15 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"median TTFT speed-up: {speedup_g2:.1f}x on turns 2..{len(prompts) - 1} (host tier), "
           f"{speedup_g3:.1f}x on turn {len(prompts)} after a restart (disk tier)")
-    print(f"outputs identical: {'yes' if identical else 'NO'}")
+    print(f"outputs identical: {'yes' if verdict.ok else 'NO'} ({verdict})")
     chart = _chart(args.chart, prompts, base["ttft_s"], kv_ttft)
     if chart:
         print(f"chart: {chart}")
     if args.json:
-        print(json.dumps({"identical": identical, "speedup_g2": speedup_g2,
+        print(json.dumps({"identical": verdict.ok,
+                          "max_logprob_diff": verdict.max_logprob_diff, "speedup_g2": speedup_g2,
                           "speedup_g3": speedup_g3, "results": results}))
-    return 0 if identical else 1
+    return 0 if verdict.ok else 1
 
 
 def _free_port() -> int:

@@ -6,15 +6,22 @@ new job on the same disk_dir). Used by ``kvtier demo``, the end-to-end benchmark
 Job (JSON file or string)::
 
     {"model": DIR, "block_size": 32, "max_model_len": 10240, "kv_cache_gb": 1,
+     "dtype": "float32",                     # compare runs in float32 (ENVIRONMENT.md 4a)
      "connector": null | {"name": "KvtierConnector", "module": "kvtier.connectors.vllm",
                           "extra": {...kv_connector_extra_config...}},
-     "metrics_port": 0,                      # scrape kvtier's metrics here after the run
+     "faults": null | "point:kind:opt=v,...",  # kvtier.storage.faults.arm_spec, for the
+                                             # negative controls (runs the engine in-process)
      "phases": [{"prompts": [str, ...], "max_tokens": 8,
                  "reset_device_cache": true, # reset vLLM's prefix cache before each prompt
                  "batch": false}]}           # true: all prompts in one generate() call
 
-Result: {"phases": [{"outputs": [[ids]], "ttft_s": [s], "wall_s": s}], "init_s": s,
-         "metrics": {name: value}}
+Result: {"phases": [{"outputs": [[ids]], "logprobs": [[lp]], "margins": [[lp1 - lp2]],
+                     "ttft_s": [s], "wall_s": s}],
+         "init_s": s, "metrics": {name: value}, "faults_fired": n}
+
+``logprobs`` holds the logprob of every generated token, ``margins`` how far the chosen token
+led the runner-up at that step (what ``kvtier.cli.oracle`` needs to tell a near-tie from a
+wrong token).
 """
 
 from __future__ import annotations
@@ -29,8 +36,18 @@ import urllib.request
 def run_job(job: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job.get("kv_cache_gb", 1))
+    fault_spec = job.get("faults")
+    if fault_spec:
+        # Faults are armed by a call in the process that runs the worker: keep the engine
+        # core in this process instead of vLLM's spawned one.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+
+    from kvtier.storage import faults
+
+    if fault_spec:
+        faults.arm_spec(fault_spec)
 
     connector = job.get("connector")
     kv_transfer = None
@@ -40,7 +57,8 @@ def run_job(job: dict) -> dict:
                                        kv_role="kv_both",
                                        kv_connector_extra_config=connector.get("extra", {}))
     started = time.perf_counter()
-    llm = LLM(model=job["model"], dtype="bfloat16", block_size=job.get("block_size", 32),
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"),
+              block_size=job.get("block_size", 32),
               max_model_len=job.get("max_model_len", 10240),
               max_num_batched_tokens=job.get("max_num_batched_tokens",
                                              job.get("max_model_len", 10240)),
@@ -49,28 +67,47 @@ def run_job(job: dict) -> dict:
     result: dict = {"init_s": time.perf_counter() - started, "phases": []}
     for phase in job["phases"]:
         params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0,
-                                ignore_eos=True)
-        outputs, ttfts = [], []
+                                ignore_eos=True, logprobs=2)
+        outputs, logprobs, margins, ttfts = [], [], [], []
         phase_started = time.perf_counter()
         prompts = phase["prompts"]
         groups = [prompts] if phase.get("batch") else [[p] for p in prompts]
         for group in groups:
-            if phase.get("reset_device_cache", True):
-                llm.reset_prefix_cache()
+            if phase.get("reset_device_cache", True) and not llm.reset_prefix_cache():
+                # A reset that did not happen would let vLLM's own cache serve the prompt.
+                raise RuntimeError("vLLM refused to reset its prefix cache")
             t0 = time.perf_counter()
             done = llm.generate(group, params, use_tqdm=False)
             wall = time.perf_counter() - t0
             for out in done:
-                outputs.append(list(out.outputs[0].token_ids))
+                completion = out.outputs[0]
+                outputs.append(list(completion.token_ids))
+                chosen, lead = _logprobs(completion)
+                logprobs.append(chosen)
+                margins.append(lead)
                 latency = getattr(out.metrics, "first_token_latency", 0.0) if out.metrics else 0.0
                 ttfts.append(latency if latency > 0 else wall)
-        result["phases"].append({"outputs": outputs, "ttft_s": ttfts,
+        result["phases"].append({"outputs": outputs, "logprobs": logprobs,
+                                 "margins": margins, "ttft_s": ttfts,
                                  "wall_s": time.perf_counter() - phase_started})
     port = (connector or {}).get("extra", {}).get("metrics_port")
     if port:
         result["metrics"] = scrape_metrics(port)
+    if fault_spec:
+        result["faults_fired"] = faults.fired()
+        faults.disarm()
     del llm
     return result
+
+
+def _logprobs(completion) -> tuple[list[float], list[float]]:
+    """Per generated token: its logprob, and its lead over the runner-up."""
+    chosen, lead = [], []
+    for token_id, step in zip(completion.token_ids, completion.logprobs or ()):
+        ranked = sorted((lp.logprob for lp in step.values()), reverse=True)
+        chosen.append(float(step[token_id].logprob))
+        lead.append(float(ranked[0] - ranked[1]) if len(ranked) > 1 else float("inf"))
+    return chosen, lead
 
 
 def scrape_metrics(port: int) -> dict[str, float]:
