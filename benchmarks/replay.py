@@ -16,13 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from kvtier.replay import BeladyOracle, CostModel, TierSpec, load_trace, replay
 from kvtier.tiers import Tier
+from need import data_dir  # ../shared/data beside the repository, or $TEST_DATA_DIR
 
-DEFAULT_TRACE = "/work/shared/data/mooncake_fast25/conversation_trace.jsonl"
+DEFAULT_TRACE = str(data_dir() / "mooncake_fast25" / "conversation_trace.jsonl")
 BEST = "arc"
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import pytest
 from fault_scenarios import g4_corrupt_first_block, run_scenario
-from servers import missing_binaries
 
-pytestmark = pytest.mark.skipif(bool(missing_binaries("redis")),
-                                reason="redis-server not installed")
+from need import need_servers
+
+
+@pytest.fixture(autouse=True)
+def _redis_installed():
+    """No redis-server: skipped, or failed with REQUIRE_TEST_SERVERS=1 (CI)."""
+    need_servers("redis")
 
 
 @pytest.mark.parametrize("name,hooked", [

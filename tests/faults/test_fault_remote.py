@@ -16,17 +16,21 @@ import threading
 import numpy as np
 import pytest
 from remote_cases import FINGERPRINT, empty_like, make_blocks, views, wait_for
-from servers import RedisServer, missing_binaries
+from servers import RedisServer
 
 from kvtier.errors import StorageError
 from kvtier.storage import faults
 from kvtier.storage.remote import RetryingBackend, make_backend, make_namespace
+from need import need_servers
 
 BLOCK = 4096 + 64
 SECRET = "Faults-Secret-pw-9"
 
-pytestmark = pytest.mark.skipif(bool(missing_binaries("redis")),
-                                reason="redis-server not installed")
+
+@pytest.fixture(autouse=True)
+def _redis_installed():
+    """No redis-server: skipped, or failed with REQUIRE_TEST_SERVERS=1 (CI)."""
+    need_servers("redis")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 from fault_scenarios import (
@@ -29,8 +28,9 @@ from fault_scenarios import (
 from kvtier.pools.block_pool import BlockState
 from kvtier.replay.trace import load_trace
 from kvtier.storage import faults
+from need import data_dir, need_file
 
-TRACE = Path("/work/shared/data/mooncake_fast25/conversation_trace.jsonl")
+TRACE = data_dir() / "mooncake_fast25" / "conversation_trace.jsonl"  # ../shared/data
 TOKENS_PER_HASH = 32        # the trace's 512-token hash blocks, scaled down 16x
 MAX_PROMPT_TOKENS = 384
 
@@ -58,8 +58,8 @@ def check_index_agreement(h) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRACE.exists(), reason=f"trace not found: {TRACE}")
 def test_trace_soak_with_small_tiers_and_disk_faults(tiny_model, tmp_path):
+    need_file(TRACE)  # missing: skipped, or failed with REQUIRE_TEST_SERVERS=1 (CI)
     specs = trace_specs(1000)
     # Small tiers against ~12,800 distinct blocks in these requests: a 128-block device cache,
     # 256 host slots, 1024 disk slots; eviction everywhere.

@@ -5,26 +5,16 @@ A missing server binary skips the test, or fails it when ``REQUIRE_TEST_SERVERS=
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from servers import MooncakeServer, RedisServer, missing_binaries
+from servers import MooncakeServer, RedisServer
 
-
-def _need(kind: str) -> None:
-    missing = missing_binaries(kind)
-    if not missing:
-        return
-    message = f"{kind} server not installed: {', '.join(missing)}"
-    if os.environ.get("REQUIRE_TEST_SERVERS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+from need import need_servers
 
 
 @pytest.fixture
 def make_redis(tmp_path_factory):
     """Factory: ``make_redis(**kwargs)`` starts a RedisServer; all are stopped at teardown."""
-    _need("redis")
+    need_servers("redis")
     servers = []
 
     def start(**kwargs) -> RedisServer:
@@ -41,7 +31,7 @@ def make_redis(tmp_path_factory):
 @pytest.fixture
 def make_mooncake(tmp_path_factory):
     """Factory: ``make_mooncake(**kwargs)`` starts a MooncakeServer (master + storage)."""
-    _need("mooncake")
+    need_servers("mooncake")
     servers = []
 
     def start(**kwargs) -> MooncakeServer:
@@ -58,7 +48,7 @@ def make_mooncake(tmp_path_factory):
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     """One Redis shared by a module's tests (tests use distinct namespaces)."""
-    _need("redis")
+    need_servers("redis")
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -66,6 +56,6 @@ def redis_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mooncake_server(tmp_path_factory):
     """One Mooncake Store shared by a module's tests (tests use distinct namespaces)."""
-    _need("mooncake")
+    need_servers("mooncake")
     with MooncakeServer(tmp_path_factory.mktemp("mooncake")) as server:
         yield server

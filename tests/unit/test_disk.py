@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from kvtier.errors import StorageError
 from kvtier.layout import KVGeometry, LayoutKind
 from kvtier.storage.disk import DATA_NAME, JOURNAL_NAME, DiskStorage
 from kvtier.storage.host import HostArena
+from need import need
 
 GEOMETRY = KVGeometry(num_layers=2, kv_factor=2, block_size=16, num_kv_heads=2, head_size=32,
                       dtype="bfloat16", layout=LayoutKind.VLLM_CPU)  # 8 KiB payload
@@ -320,6 +322,61 @@ def test_buffered_fallback_where_o_direct_is_refused(no_o_direct_dir, arena, cap
         data = fill(arena, [0, 1])
         assert all(disk.write(arena, [(0, 0, 1), (1, 1, 2)]))
         assert all(disk.read(arena, [(0, 2, 1), (1, 3, 2)]))
+        assert np.array_equal(arena.payload(2), data[0])
+        assert np.array_equal(arena.payload(3), data[1])
+    finally:
+        disk.close()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def o_direct_dir(tmp_path):
+    """A directory on a file system that accepts O_DIRECT: pytest's tmp_path when it does (not
+    tmpfs), else one under the repository (``.pytest-odirect/``, git-ignored, removed after)."""
+    if not _refuses_o_direct(str(tmp_path)):
+        yield str(tmp_path / "g3")
+        return
+    base = os.path.join(REPO, ".pytest-odirect")
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, f"{os.getpid()}-{tmp_path.name}")
+    os.makedirs(path)
+    try:
+        if _refuses_o_direct(path):
+            need(f"no file system accepting O_DIRECT: neither {tmp_path} nor {base}")
+        yield os.path.join(path, "g3")
+    finally:
+        subprocess.run(["rm", "-rf", path], check=False)
+        if not os.listdir(base):
+            os.rmdir(base)
+
+
+def _fd_of(path: str) -> int:
+    """This process's open descriptor for ``path``, found through /proc (not DiskStorage)."""
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd")
+           if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path)]
+    assert len(fds) == 1, f"expected one open descriptor for {path}, got {fds}"
+    return fds[0]
+
+
+def test_data_file_is_really_opened_with_o_direct(o_direct_dir, arena, caplog):
+    """On a normal disk file system the data file's descriptor has O_DIRECT set (the kernel's
+    view, twice: F_GETFL and /proc/self/fdinfo), DiskStorage says so, and aligned I/O works."""
+    with caplog.at_level(logging.WARNING):
+        disk = DiskStorage(o_direct_dir, 4, arena.slot_bytes, FP)
+    try:
+        assert disk.o_direct is True
+        assert not [r for r in caplog.records if "O_DIRECT" in r.getMessage()]
+        fd = _fd_of(disk.data_path)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        assert flags & os.O_DIRECT, oct(flags)
+        assert "O_DIRECT" in repr(disk)
+        data = fill(arena, [0, 1])
+        assert all(disk.write(arena, [(0, 0, 1), (1, 3, 2)]))
+        assert all(disk.read(arena, [(0, 2, 1), (3, 3, 2)]))
         assert np.array_equal(arena.payload(2), data[0])
         assert np.array_equal(arena.payload(3), data[1])
     finally:

@@ -25,6 +25,7 @@ from kvtier.storage.remote import (
     remote_key,
 )
 from kvtier.storage.remote.base import DOWN
+from need import need_module
 
 FP = 0x1234_5678_9ABC_DEF0
 BLOCK = 4096 + 64
@@ -137,7 +138,7 @@ def test_registry_finds_schemes_and_rejects_unknown():
                                  "mooncake://127.0.0.1:1?protocol=tcp",
                                  "mooncake://127.0.0.1:1?metadata=http://x/m&segment_mb=big"])
 def test_bad_store_urls_are_config_errors_before_any_connection(url):
-    pytest.importorskip(url.partition(":")[0])
+    need_module(url.partition(":")[0])  # fails, not skips, with REQUIRE_TEST_SERVERS=1
     with pytest.raises(ConfigError):
         make_backend(url, namespace=make_namespace("m", FP), timeout_s=1)
 

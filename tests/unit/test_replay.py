@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import subprocess
@@ -30,9 +31,11 @@ from kvtier.replay import (
     replay,
 )
 from kvtier.tiers import Tier
+from need import data_dir, need_file
 
-MOONCAKE = Path("/work/shared/data/mooncake_fast25/conversation_trace.jsonl")
-needs_mooncake = pytest.mark.skipif(not MOONCAKE.exists(), reason="Mooncake trace not present")
+# ../shared/data beside the repository, or $TEST_DATA_DIR. Missing, the tests that read it skip,
+# or fail with REQUIRE_TEST_SERVERS=1 (CI).
+MOONCAKE = data_dir() / "mooncake_fast25" / "conversation_trace.jsonl"
 COST = CostModel(bytes_per_token=1024)
 
 
@@ -46,16 +49,19 @@ def make_trace(chains: list[list[int]], block_tokens: int = 4) -> Trace:
                        for i, ids in enumerate(chains)), block_tokens, "test")
 
 
-def small_workloads() -> list[Trace]:
-    traces = [
-        generate_multi_round_qa(MultiRoundQASpec(
-            num_users=30, num_rounds=6, concurrent_users=8, system_prompt_tokens=64,
-            history_tokens=200, question_tokens=20, answer_tokens=30, min_rounds=1,
-            jitter=0.3, block_tokens=16, seed=7)),
-    ]
-    if MOONCAKE.exists():
-        traces.append(load_trace(MOONCAKE, limit=600))
-    return traces
+def generated_workload() -> Trace:
+    return generate_multi_round_qa(MultiRoundQASpec(
+        num_users=30, num_rounds=6, concurrent_users=8, system_prompt_tokens=64,
+        history_tokens=200, question_tokens=20, answer_tokens=30, min_rounds=1,
+        jitter=0.3, block_tokens=16, seed=7))
+
+
+@functools.cache
+def mooncake_head() -> Trace:
+    return load_trace(need_file(MOONCAKE), limit=600)
+
+
+SMALL_WORKLOADS = {"multi_round_qa": generated_workload, "mooncake_600": mooncake_head}
 
 
 # -- trace parsing ----------------------------------------------------------------------------
@@ -169,8 +175,9 @@ def infinite_cache_hits(trace: Trace) -> int:
     return hits
 
 
-@pytest.mark.parametrize("trace", small_workloads(), ids=lambda t: t.source[:20])
-def test_belady_bounds_every_policy(trace):
+@pytest.mark.parametrize("workload", SMALL_WORKLOADS)
+def test_belady_bounds_every_policy(workload):
+    trace = SMALL_WORKLOADS[workload]()
     oracle = BeladyOracle(trace)
     unique = oracle.num_unique_blocks
     for capacity in (max(2, unique // 50), unique // 10, unique // 3):
@@ -208,16 +215,16 @@ def reference_lru_hits(trace: Trace, capacity: int) -> int:
     return hits
 
 
-@pytest.mark.parametrize("trace", small_workloads(), ids=lambda t: t.source[:20])
-def test_lru_replay_matches_reference(trace):
+@pytest.mark.parametrize("workload", SMALL_WORKLOADS)
+def test_lru_replay_matches_reference(workload):
+    trace = SMALL_WORKLOADS[workload]()
     for capacity in (20, 200, 2000):
         got = replay(trace, [TierSpec(Tier.G1, capacity)], cost=COST)
         assert got.total.blocks_hit == reference_lru_hits(trace, capacity), capacity
 
 
-@needs_mooncake
 def test_lru_matches_data_readme_sanity_numbers():
-    trace = load_trace(MOONCAKE)
+    trace = load_trace(need_file(MOONCAKE))
     # shared/data/README.md: LRU token hit ratio 4.5 % at 1,000 blocks, 31.3 % at 24,000.
     for capacity, expected in ((1000, 0.045), (24000, 0.313)):
         got = replay(trace, [TierSpec(Tier.G1, capacity)], cost=COST).total.token_hit_ratio
@@ -226,7 +233,7 @@ def test_lru_matches_data_readme_sanity_numbers():
 
 @pytest.mark.parametrize("policy", ["lru", *ALL_POLICIES[1:]])
 def test_simulated_pools_keep_invariants(policy):
-    trace = small_workloads()[0]
+    trace = generated_workload()
     sim = ReplaySimulator([TierSpec(Tier.G1, 30, eviction=policy),
                            TierSpec(Tier.G2, 80, eviction=policy),
                            TierSpec(Tier.G3, 200, eviction=policy, admission="tinylfu")],
@@ -238,7 +245,7 @@ def test_simulated_pools_keep_invariants(policy):
 
 
 def test_tiers_add_hits_and_account_bytes():
-    trace = small_workloads()[0]
+    trace = generated_workload()
     device_only = replay(trace, [TierSpec(Tier.G1, 30)], cost=COST)
     tiered = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G2, 100),
                             TierSpec(Tier.G3, 400, admission="always")], cost=COST)
@@ -258,7 +265,7 @@ def test_tiers_add_hits_and_account_bytes():
 
 
 def test_disk_admission_gates_writes():
-    trace = small_workloads()[0]
+    trace = generated_workload()
     never = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400, admission="never")],
                    cost=COST)
     freq = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400)], cost=COST)
@@ -272,7 +279,7 @@ def test_disk_admission_gates_writes():
 
 
 def test_slow_tier_is_not_onboarded():
-    trace = small_workloads()[0]
+    trace = generated_workload()
     # A 1 MB/s disk is slower than recompute: its hits are recomputed, saving nothing.
     result = replay(trace, [TierSpec(Tier.G1, 30),
                             TierSpec(Tier.G3, 400, admission="always", read_gbps=0.001)],
