@@ -25,11 +25,22 @@ Modes (``BlockHasher(mode=...)``):
 
 ``salt_hash(cache_salt, lora_name)`` gives the integer salt for the ``xxh3``/``kvbm`` modes
 (KVBM's SaltHash), so requests of different tenants or adapters never share a block.
+
+What else a request's KV depends on travels in a ``RequestKeys``, and
+``BlockHasher.extra_keys`` turns it into per-block extra keys: exactly vLLM's tuples in the
+engine modes (``generate_block_hash_extra_keys``: LoRA name and path on every block, each
+multimodal item ``("mm", identifier, offset in the block)`` on the blocks its placeholder
+tokens overlap, ``cache_salt`` on block 0, ``("prompt_embeds", sha256 of the block's rows)`` on
+every block), and the same facts as framed bytes in the xxh3/kvbm modes (LoRA path on block 0,
+the salt already seeds every block). The chain carries each key on to every later block.
+``RequestKeys.unkeyable_reason`` names what no key can safely express (an item without an
+identifier, unordered or overlapping placeholders); such requests must not share blocks.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +62,8 @@ __all__ = [
     "HASH_MODES",
     "BlockHasher",
     "BlockKey",
+    "MmItem",
+    "RequestKeys",
     "salt_hash",
     "vllm_extra_keys",
     "vllm_none_hash",
@@ -67,6 +80,11 @@ _MAX_TOKEN = 0xFFFF_FFFF
 _VLLM_DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 _xxh3_64 = xxhash.xxh3_64_intdigest
 _pack_two_u64 = struct.Struct("<QQ").pack
+# Framing of the xxh3/kvbm modes' extra key bytes: a tag, then fixed-size fields, then a
+# length-prefixed string, so that no two different key lists give the same bytes.
+_TAG_MM, _TAG_LORA_PATH, _TAG_EMBEDS = b"\x01", b"\x02", b"\x03"
+_pack_mm = struct.Struct("<qI").pack        # item offset relative to the block, id length
+_pack_len = struct.Struct("<I").pack
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _NATIVE_U32_IS_LE = _LITTLE_ENDIAN and array.array("I").itemsize == 4
 
@@ -83,18 +101,146 @@ def salt_hash(cache_salt: str | None = None, lora_name: str | None = None) -> in
     return _xxh3_64(text.encode("utf-8"), 0)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MmItem:
+    """One multimodal input of a request: the identifier of its content (vLLM's
+    ``MultiModalFeatureSpec.identifier``, a content hash or a user-given uuid) and the prompt
+    positions ``[offset, offset + length)`` its placeholder tokens occupy."""
+
+    identifier: str | None
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class RequestKeys:
+    """Everything besides its token ids that a request's KV depends on.
+
+    ``mm_items`` are in prompt order; ``prompt_embeds`` is the prompt embeddings as a 2-D
+    ``uint8`` array, one row of bytes per prompt position (what vLLM's ``tensor_data`` gives for
+    each row). ``unkeyable`` is set by an engine adapter that met an input it could not read.
+    """
+
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    lora_path: str | None = None
+    mm_items: tuple[MmItem, ...] = ()
+    prompt_embeds: np.ndarray | None = None
+    unkeyable: str | None = None
+
+    def unkeyable_reason(self) -> str | None:
+        """Why these keys cannot name the request's KV safely (a metric label), or None."""
+        if self.unkeyable:
+            return self.unkeyable
+        end = 0
+        for item in self.mm_items:
+            if not isinstance(item.identifier, str) or not item.identifier:
+                return "mm_no_identifier"
+            # vLLM's own keying assumes items sorted by offset and not overlapping.
+            if item.offset < end or item.length < 0:
+                return "mm_positions"
+            end = item.offset + item.length
+        embeds = self.prompt_embeds
+        if embeds is not None and (not isinstance(embeds, np.ndarray) or embeds.ndim != 2
+                                   or embeds.dtype != np.uint8
+                                   or not embeds.flags.c_contiguous):
+            return "prompt_embeds"
+        return None
+
+    @property
+    def has_block_keys(self) -> bool:
+        """Whether any block needs extra keys in the xxh3/kvbm modes."""
+        return bool(self.mm_items or self.prompt_embeds is not None
+                    or (self.lora_name and self.lora_path))
+
+
+def _mm_keys_per_block(items: Sequence[MmItem], first_block_idx: int, num_blocks: int,
+                       block_size: int) -> list[list[tuple[str, int]]]:
+    """For each block, ``(identifier, item offset - block start)`` of every item whose
+    placeholder positions overlap the block, in prompt order (vLLM's
+    ``_gen_mm_extra_hash_keys``, for items sorted and not overlapping)."""
+    per_block: list[list[tuple[str, int]]] = []
+    idx = 0
+    num_items = len(items)
+    start = first_block_idx * block_size
+    # Items wholly before the first block are never needed again.
+    while idx < num_items and items[idx].offset + items[idx].length <= start:
+        idx += 1
+    for _ in range(num_blocks):
+        end = start + block_size
+        block: list[tuple[str, int]] = []
+        i = idx
+        while i < num_items and items[i].offset < end:
+            item = items[i]
+            if item.offset + item.length > start:
+                block.append((item.identifier, item.offset - start))
+            if item.offset + item.length <= end:
+                i += 1
+                idx = i   # ends within this block: later blocks start after it
+            else:
+                break     # spans into the next block
+        per_block.append(block)
+        start = end
+    return per_block
+
+
+def _embeds_digest(embeds: np.ndarray, start: int, end: int) -> bytes:
+    """vLLM's prompt-embeds key: sha256 of the raw bytes of rows ``[start, end)``."""
+    return hashlib.sha256(embeds[start:end]).digest()
+
+
 def vllm_extra_keys(num_blocks: int, *, first_block_idx: int = 0, cache_salt: str | None = None,
-                    lora_name: str | None = None, lora_path: str | None = None
-                    ) -> list[tuple[Any, ...] | None]:
-    """Per-block extra keys as vLLM builds them for the engine modes (LoRA on every block,
-    ``cache_salt`` on the block that starts at token 0 only; the chain carries it on).
-    ``first_block_idx`` is the index of the first block being hashed within the request."""
+                    lora_name: str | None = None, lora_path: str | None = None,
+                    mm_items: Sequence[MmItem] = (), prompt_embeds: np.ndarray | None = None,
+                    block_size: int = 0) -> list[tuple[Any, ...] | None]:
+    """Per-block extra keys exactly as vLLM's ``generate_block_hash_extra_keys`` builds them
+    for the engine modes: LoRA on every block, then the multimodal items overlapping the
+    block, ``cache_salt`` on the block that starts at token 0 only (the chain carries it on),
+    then the block's prompt-embeds digest. ``first_block_idx`` is the index of the first
+    block being hashed within the request; ``block_size`` is needed with ``mm_items`` or
+    ``prompt_embeds``."""
+    if (mm_items or prompt_embeds is not None) and block_size <= 0:
+        raise ValueError("vllm_extra_keys: block_size is needed with mm_items or prompt_embeds")
     lora = [("lora", lora_name, lora_path)] if lora_name else []
+    mm = (_mm_keys_per_block(mm_items, first_block_idx, num_blocks, block_size)
+          if mm_items else None)
     keys: list[tuple[Any, ...] | None] = []
-    for idx in range(first_block_idx, first_block_idx + num_blocks):
-        block_keys = lora + ([("cache_salt", cache_salt)] if idx == 0 and cache_salt else [])
+    for n, idx in enumerate(range(first_block_idx, first_block_idx + num_blocks)):
+        block_keys = list(lora)
+        if mm is not None:
+            block_keys.extend(("mm", ident, offset) for ident, offset in mm[n])
+        if idx == 0 and cache_salt:
+            block_keys.append(("cache_salt", cache_salt))
+        if prompt_embeds is not None:
+            start = idx * block_size
+            block_keys.append(("prompt_embeds",
+                               _embeds_digest(prompt_embeds, start, start + block_size)))
         keys.append(tuple(block_keys) if block_keys else None)
     return keys
+
+
+def _fast_extra_keys(keys: RequestKeys, first_block_idx: int, num_blocks: int,
+                     block_size: int) -> list[bytes | None]:
+    """The same facts as ``vllm_extra_keys`` as framed bytes for the xxh3/kvbm modes (the
+    salt and LoRA name already seed every block; the LoRA path goes on block 0)."""
+    mm = (_mm_keys_per_block(keys.mm_items, first_block_idx, num_blocks, block_size)
+          if keys.mm_items else None)
+    embeds = keys.prompt_embeds
+    out: list[bytes | None] = []
+    for n, idx in enumerate(range(first_block_idx, first_block_idx + num_blocks)):
+        parts: list[bytes] = []
+        if idx == 0 and keys.lora_name and keys.lora_path:
+            path = keys.lora_path.encode("utf-8")
+            parts += (_TAG_LORA_PATH, _pack_len(len(path)), path)
+        if mm is not None:
+            for ident, offset in mm[n]:
+                raw = ident.encode("utf-8")
+                parts += (_TAG_MM, _pack_mm(offset, len(raw)), raw)
+        if embeds is not None:
+            start = idx * block_size
+            parts += (_TAG_EMBEDS, _embeds_digest(embeds, start, start + block_size))
+        out.append(b"".join(parts) if parts else None)
+    return out
 
 
 def _serialize_pickle(obj: Any) -> bytes:
@@ -167,6 +313,29 @@ class BlockHasher:
     def is_engine_mode(self) -> bool:
         """Keys are the engine's own (``bytes``) rather than kvtier's 64-bit ints."""
         return self.mode in ENGINE_MODES
+
+    def salt_of(self, keys: RequestKeys) -> int:
+        """The ``salt`` argument of ``hash_blocks`` for a request (0 in the engine modes,
+        which take salts as extra keys)."""
+        return 0 if self.mode in ENGINE_MODES else salt_hash(keys.cache_salt, keys.lora_name)
+
+    def extra_keys(self, keys: RequestKeys, first_block_idx: int,
+                   num_blocks: int) -> list[Any] | None:
+        """The ``extra_keys`` argument of ``hash_blocks`` for blocks ``[first_block_idx,
+        first_block_idx + num_blocks)`` of a request, or None when no block needs one.
+        Callers must refuse keys with an ``unkeyable_reason`` instead of hashing them."""
+        if self.mode in ENGINE_MODES:
+            if not (keys.lora_name or keys.mm_items or keys.prompt_embeds is not None
+                    or keys.cache_salt and first_block_idx == 0):
+                return None
+            return vllm_extra_keys(num_blocks, first_block_idx=first_block_idx,
+                                   cache_salt=keys.cache_salt, lora_name=keys.lora_name,
+                                   lora_path=keys.lora_path, mm_items=keys.mm_items,
+                                   prompt_embeds=keys.prompt_embeds,
+                                   block_size=self.block_size)
+        if not keys.has_block_keys:
+            return None
+        return _fast_extra_keys(keys, first_block_idx, num_blocks, self.block_size)
 
     def hash_blocks(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
                     parent: BlockKey | None = None,

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from kvtier.config import KvtierConfig
 from kvtier.events.types import EventBuffer
-from kvtier.hashing import BlockHasher, salt_hash, vllm_extra_keys
+from kvtier.hashing import BlockHasher, RequestKeys
 from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
 from kvtier.offload.onboard import OnboardPolicy
@@ -61,6 +61,7 @@ _NOT_PROBED, _PROBING, _PROBED = 0, 1, 2
 @dataclasses.dataclass(slots=True)
 class _Request:
     req_id: str
+    keys: RequestKeys   # what its KV depends on besides its tokens
     salt: int
     hashes: list[BlockKey] = dataclasses.field(default_factory=list)
     # Leading blocks already considered for offload (stored, deduplicated or dropped).
@@ -70,9 +71,8 @@ class _Request:
     match_tiers: list[Tier] = dataclasses.field(default_factory=list)
     counted: bool = False   # its lookup is in the hit-rate metrics
     match_sync: bool = False  # the last match is small enough to load inside the step
-    # Only for the engine-compatible hash modes, which take them as per-block extra keys.
-    cache_salt: str | None = None
-    lora_name: str | None = None
+    # Why its blocks cannot be keyed safely; such a request is neither matched nor offloaded.
+    unkeyable: str | None = None
     # G4 probe: blocks [probe_start, probe_start + probe_present) are in the store.
     probe_state: int = _NOT_PROBED
     probe_start: int = 0
@@ -153,6 +153,7 @@ class Leader:
         if self.has_remote:
             self.metrics.remote_healthy.set(1)
         self._probe_timeout_logged = False
+        self._unkeyable_logged: set[str] = set()
         self._plan = StepPlan(layout=self.layout)
         self._step_started = 0.0
         self._step_prefill_tokens = 0
@@ -162,18 +163,30 @@ class Leader:
 
     # -- requests -----------------------------------------------------------------------
     def match(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int, *,
-              cache_salt: str | None = None, lora_name: str | None = None) -> int | None:
+              cache_salt: str | None = None, lora_name: str | None = None,
+              keys: RequestKeys | None = None) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that kvtier will load, or None to ask again
         next step (the disk index of a previous run, or the answer of a G4 probe, has not
         arrived yet). Side-effect free for the tiers (it only caches the request's hashes,
-        its probe and this answer)."""
+        its probe and this answer).
+
+        ``keys`` names everything else the request's KV depends on (multimodal items, prompt
+        embeddings, salt, LoRA); ``cache_salt``/``lora_name`` are its short form. Only the
+        first call of a request reads them. A request whose keys cannot be trusted
+        (``RequestKeys.unkeyable_reason``) is answered 0 and never offloaded."""
+        if keys is None:
+            keys = RequestKeys(cache_salt=cache_salt, lora_name=lora_name)
+        elif cache_salt is not None or lora_name is not None:
+            raise ValueError("match(): pass cache_salt and lora_name inside keys, not beside it")
+        req = self._request(req_id, keys)
+        if req.unkeyable:
+            return 0
         if not self._recovered:
             self._match_waits += 1
             if self._match_waits <= _MAX_RECOVERY_WAITS:
                 return None
             logger.warning("kvtier: no disk index from the workers; starting the disk tier empty")
             self._recovered = True
-        req = self._request(req_id, cache_salt, lora_name)
         self._hash_upto(req, token_ids, len(token_ids))
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
@@ -232,7 +245,7 @@ class Leader:
         """After this step, the device holds valid KV for ``token_ids[:num_valid_tokens]`` in
         ``device_block_ids``: offload blocks that became full (write-through to G2)."""
         req = self._requests.get(req_id)
-        if req is None or self.g2 is None:
+        if req is None or self.g2 is None or req.unkeyable:
             return
         num_full = min(num_valid_tokens // self.block_tokens, len(device_block_ids))
         if num_full <= req.num_offered:
@@ -356,11 +369,18 @@ class Leader:
                 pool.check_invariants()
 
     # -- internals ----------------------------------------------------------------------
-    def _request(self, req_id: str, cache_salt: str | None, lora_name: str | None) -> _Request:
+    def _request(self, req_id: str, keys: RequestKeys) -> _Request:
         req = self._requests.get(req_id)
         if req is None:
-            req = _Request(req_id, salt_hash(cache_salt, lora_name), cache_salt=cache_salt,
-                           lora_name=lora_name)
+            req = _Request(req_id, keys, self.hasher.salt_of(keys))
+            reason = keys.unkeyable_reason()
+            if reason is not None:
+                req.unkeyable = reason
+                self.metrics.unkeyable_requests.labels(reason).inc()
+                log = logger.debug if reason in self._unkeyable_logged else logger.info
+                self._unkeyable_logged.add(reason)
+                log("kvtier: request %s cannot be keyed safely (%s); it is served without "
+                    "kvtier (further cases are logged at debug level)", req_id, reason)
             self._requests[req_id] = req
         return req
 
@@ -372,13 +392,11 @@ class Leader:
         parent = req.hashes[-1] if have else None
         start = have * self.block_tokens
         tokens = token_ids[start:want * self.block_tokens]
-        if self.hasher.is_engine_mode:
-            # vLLM's own hashes: the salt and LoRA travel as extra keys, as vLLM puts them.
-            extra = vllm_extra_keys(want - have, first_block_idx=have,
-                                    cache_salt=req.cache_salt, lora_name=req.lora_name)
-            req.hashes.extend(self.hasher.hash_blocks(tokens, parent=parent, extra_keys=extra))
-        else:
-            req.hashes.extend(self.hasher.hash_blocks(tokens, salt=req.salt, parent=parent))
+        # Multimodal items, prompt embeddings (and, in vLLM's modes, the salt and LoRA) go in
+        # as per-block extra keys; the chain carries each one to every later block.
+        extra = self.hasher.extra_keys(req.keys, have, want - have)
+        req.hashes.extend(self.hasher.hash_blocks(tokens, salt=req.salt, parent=parent,
+                                                  extra_keys=extra))
 
     def _tiers_of_prefix(self, keys: list[BlockKey], remote_req: _Request | None = None,
                          first: int = 0) -> list[Tier]:

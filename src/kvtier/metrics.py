@@ -47,6 +47,10 @@ class KvtierMetrics:
         self.checksum_failures = Counter("kvtier_checksum_failures",
                                          "Blocks whose stored bytes failed verification",
                                          registry=r)
+        self.unkeyable_requests = Counter("kvtier_unkeyable_requests",
+                                          "Requests served without kvtier because their KV "
+                                          "cannot be keyed safely, by reason", ["reason"],
+                                          registry=r)
         self.queue_depth = Gauge("kvtier_inflight_transfers", "Blocks in flight, by kind",
                                  ["kind"], registry=r)
         self.tier_blocks = Gauge("kvtier_tier_used_blocks", "Registered blocks held, by tier",

@@ -14,6 +14,8 @@ from kvtier.hashing import (
     ENGINE_MODES,
     HASH_MODES,
     BlockHasher,
+    MmItem,
+    RequestKeys,
     salt_hash,
     vllm_extra_keys,
     vllm_none_hash,
@@ -260,3 +262,166 @@ def test_engine_mode_with_salt_and_lora_equals_vllm_request_hasher(mode, vllm_ut
     assert head + tail == theirs
     # Without the salt the keys differ from the first block on.
     assert not set(hasher.hash_blocks(tokens)) & set(theirs)
+
+
+# -- multimodal items, prompt embeddings, LoRA path ----------------------------------------
+def test_mm_keys_mark_every_block_an_item_overlaps_with_its_offset():
+    items = (MmItem("a", 5, 20), MmItem("b", 25, 3), MmItem("c", 32, 16))
+    # blocks of 16: [0,16) a@5; [16,32) a@-11 b@9; [32,48) c@0; [48,64) none
+    assert vllm_extra_keys(4, mm_items=items, block_size=16) == [
+        (("mm", "a", 5),), (("mm", "a", -11), ("mm", "b", 9)), (("mm", "c", 0),), None]
+    # Starting further into the request gives the same keys for the same blocks.
+    assert vllm_extra_keys(2, first_block_idx=1, mm_items=items, block_size=16) == [
+        (("mm", "a", -11), ("mm", "b", 9)), (("mm", "c", 0),)]
+    assert vllm_extra_keys(1, first_block_idx=1, cache_salt="s", lora_name="l",
+                           lora_path="/p", mm_items=items, block_size=16) == [
+        (("lora", "l", "/p"), ("mm", "a", -11), ("mm", "b", 9))]
+    with pytest.raises(ValueError, match="block_size"):
+        vllm_extra_keys(1, mm_items=items)
+
+
+def test_unkeyable_reasons():
+    assert RequestKeys().unkeyable_reason() is None
+    assert RequestKeys(mm_items=(MmItem("a", 0, 4), MmItem("b", 4, 4))).unkeyable_reason() \
+        is None
+    assert RequestKeys(mm_items=(MmItem(None, 0, 4),)).unkeyable_reason() == "mm_no_identifier"
+    assert RequestKeys(mm_items=(MmItem("", 0, 4),)).unkeyable_reason() == "mm_no_identifier"
+    assert RequestKeys(mm_items=(MmItem("a", 8, 4), MmItem("b", 0, 4))).unkeyable_reason() \
+        == "mm_positions"
+    assert RequestKeys(mm_items=(MmItem("a", 0, 8), MmItem("b", 4, 4))).unkeyable_reason() \
+        == "mm_positions"
+    assert RequestKeys(mm_items=(MmItem("a", -1, 4),)).unkeyable_reason() == "mm_positions"
+    assert RequestKeys(prompt_embeds=np.zeros((4, 8), np.float32)).unkeyable_reason() \
+        == "prompt_embeds"
+    assert RequestKeys(prompt_embeds=np.zeros((4, 8), np.uint8)).unkeyable_reason() is None
+    assert RequestKeys(unkeyable="adapter says").unkeyable_reason() == "adapter says"
+
+
+def _chain(hasher: BlockHasher, tokens, keys: RequestKeys) -> list:
+    n = len(tokens) // hasher.block_size
+    return hasher.hash_blocks(tokens, salt=hasher.salt_of(keys),
+                              extra_keys=hasher.extra_keys(keys, 0, n))
+
+
+@pytest.mark.parametrize("mode", HASH_MODES)
+def test_mm_identifier_and_offset_change_the_image_blocks_and_the_rest(mode, monkeypatch):
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    hasher = BlockHasher(16, mode)
+    tokens = tokens_of(16 * 3) + [999] * 32 + tokens_of(16 * 3, seed=1)   # image at 48..80
+    plain = _chain(hasher, tokens, RequestKeys())
+    one = _chain(hasher, tokens, RequestKeys(mm_items=(MmItem("img-1", 48, 32),)))
+    two = _chain(hasher, tokens, RequestKeys(mm_items=(MmItem("img-2", 48, 32),)))
+    assert one[:3] == two[:3] == plain[:3], "blocks before the image are shared"
+    assert not set(one[3:]) & set(two[3:]), "a different image shares no block from it on"
+    assert not set(one[3:]) & set(plain[3:])
+    assert _chain(hasher, tokens, RequestKeys(mm_items=(MmItem("img-1", 48, 32),))) == one
+    # The same image one position later, over the same placeholder tokens, is other KV.
+    moved = _chain(hasher, tokens, RequestKeys(mm_items=(MmItem("img-1", 49, 31),)))
+    assert moved[:3] == one[:3] and moved[3] != one[3]
+    # Hashed in pieces, as the leader does step by step, the keys are the same.
+    keys = RequestKeys(mm_items=(MmItem("img-1", 48, 32),))
+    head = hasher.hash_blocks(tokens[:64], salt=hasher.salt_of(keys),
+                              extra_keys=hasher.extra_keys(keys, 0, 4))
+    tail = hasher.hash_blocks(tokens[64:], salt=hasher.salt_of(keys), parent=head[-1],
+                              extra_keys=hasher.extra_keys(keys, 4, 4))
+    assert head + tail == one
+
+
+@pytest.mark.parametrize("mode", HASH_MODES)
+def test_lora_path_and_prompt_embeds_are_keyed(mode, monkeypatch):
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    hasher = BlockHasher(16, mode)
+    tokens = [0] * 64
+    a = _chain(hasher, tokens, RequestKeys(lora_name="ad", lora_path="/v1"))
+    b = _chain(hasher, tokens, RequestKeys(lora_name="ad", lora_path="/v2"))
+    assert not set(a) & set(b), "re-pointing a LoRA name at another adapter shares nothing"
+    rows = np.random.default_rng(0).integers(0, 256, size=(64, 32), dtype=np.uint8)
+    other = rows.copy()
+    other[40, 3] ^= 1   # one byte of the prompt's third block
+    e1 = _chain(hasher, tokens, RequestKeys(prompt_embeds=rows))
+    e2 = _chain(hasher, tokens, RequestKeys(prompt_embeds=other))
+    assert e1[:2] == e2[:2] and not set(e1[2:]) & set(e2[2:])
+    assert not set(e1) & set(_chain(hasher, tokens, RequestKeys()))
+
+
+@pytest.fixture(scope="module")
+def vllm_mm():
+    return pytest.importorskip("vllm.multimodal.inputs")
+
+
+def _vllm_request(vllm_utils, vllm_mm, fn, tokens, positions, identifiers, **kw):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    features = [vllm_mm.MultiModalFeatureSpec(
+        data=vllm_mm.MultiModalKwargsItem.dummy(), modality="image", identifier=ident,
+        mm_position=vllm_mm.PlaceholderRange(offset=off, length=length))
+        for (off, length), ident in zip(positions, identifiers)]
+    sp = SamplingParams(max_tokens=4)
+    sp.update_from_generation_config({}, 2)
+    return Request("r", tokens, sp, pooling_params=None, mm_features=features or None,
+                   block_hasher=vllm_utils.get_request_block_hasher(16, fn), **kw)
+
+
+# Placeholder layouts: one item over several blocks, two in one block, one starting on a
+# block boundary, one ending on one, adjacent items, an item in the partial last block.
+MM_LAYOUTS = [
+    [(5, 40)],
+    [(2, 3), (9, 4), (16, 16), (32, 1), (33, 30)],
+    [(48, 16), (64, 20), (90, 15)],
+    [(0, 100)],
+]
+
+
+@pytest.mark.parametrize("mode", ENGINE_MODES)
+@pytest.mark.parametrize("layout", MM_LAYOUTS)
+def test_engine_mode_with_mm_items_equals_vllm_request_hasher(mode, layout, vllm_utils,
+                                                              vllm_hashing, vllm_mm,
+                                                              monkeypatch):
+    from vllm.lora.request import LoRARequest
+
+    from kvtier.connectors.vllm import _request_keys
+
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    fn = vllm_hashing.get_hash_fn_by_name(mode)
+    vllm_utils.init_none_hash(fn)
+    tokens = tokens_of(16 * 6 + 9, seed=4)
+    idents = [f"sha-of-image-{i}" for i in range(len(layout))]
+    for lora, salt in ((None, None), (LoRARequest("ad", 1, "/loras/ad"), "tenant")):
+        request = _vllm_request(vllm_utils, vllm_mm, fn, tokens, layout, idents,
+                                lora_request=lora, cache_salt=salt)
+        assert len(request.block_hashes) == 6
+        hasher = BlockHasher(16, mode)
+        assert hasher.none_hash == vllm_utils.NONE_HASH
+        keys = _request_keys(request)
+        assert keys.unkeyable_reason() is None
+        assert _chain(hasher, tokens, keys) == request.block_hashes
+        # The per-block extra keys themselves, against vLLM's generator.
+        mm_idx, theirs = 0, []
+        for i in range(6):
+            extra, mm_idx = vllm_utils.generate_block_hash_extra_keys(request, 16 * i,
+                                                                      16 * i + 16, mm_idx)
+            theirs.append(extra)
+        assert hasher.extra_keys(keys, 0, 6) == theirs
+        assert hasher.extra_keys(keys, 2, 4) == theirs[2:]
+
+
+@pytest.mark.parametrize("mode", ["sha256", "sha256_cbor"])
+def test_engine_mode_with_prompt_embeds_equals_vllm_request_hasher(mode, vllm_utils,
+                                                                   vllm_hashing):
+    import torch
+
+    from kvtier.connectors.vllm import _request_keys
+
+    fn = vllm_hashing.get_hash_fn_by_name(mode)
+    vllm_utils.init_none_hash(fn)
+    for dtype in (torch.float32, torch.bfloat16):
+        embeds = torch.randn(16 * 3 + 5, 24, generator=torch.Generator().manual_seed(1)
+                             ).to(dtype)
+        request = _vllm_request(vllm_utils, pytest.importorskip("vllm.multimodal.inputs"), fn,
+                                None, [], [], prompt_embeds=embeds)
+        keys = _request_keys(request)
+        assert keys.unkeyable_reason() is None
+        hasher = BlockHasher(16, mode)
+        assert _chain(hasher, list(request.all_token_ids), keys) == request.block_hashes
+        assert len(request.block_hashes) == 3

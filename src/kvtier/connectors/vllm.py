@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from vllm.distributed.kv_events import AllBlocksCleared as VllmAllBlocksCleared
 from vllm.distributed.kv_events import BlockRemoved as VllmBlockRemoved
 from vllm.distributed.kv_events import BlockStored as VllmBlockStored
@@ -35,10 +36,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.v1.utils import tensor_data
 
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.events import types as ev
+from kvtier.hashing import MmItem, RequestKeys
 from kvtier.leader import Leader, plan_tier_layout
 from kvtier.protocol import StepPlan, WorkerReport
 from kvtier.tiers import Tier
@@ -153,10 +156,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
-        lora = request.lora_request.lora_name if request.lora_request else None
         num_tokens = self.leader.match(request.request_id, request.all_token_ids,
-                                       num_computed_tokens, cache_salt=request.cache_salt,
-                                       lora_name=lora)
+                                       num_computed_tokens, keys=_request_keys(request))
         if num_tokens is None:
             return None, False
         return num_tokens, num_tokens > 0 and self.leader.is_async_load(request.request_id)
@@ -230,6 +231,26 @@ def _load(extra: dict[str, Any]) -> KvtierConfig:
                           " disk_cache_gb with disk_dir, and/or remote_url in "
                           "kv_connector_extra_config")
     return config
+
+
+def _request_keys(request: Request) -> RequestKeys:
+    """What the request's KV depends on besides its tokens: every input vLLM folds into its
+    own block hashes (``generate_block_hash_extra_keys``)."""
+    lora = request.lora_request
+    mm_items = tuple(MmItem(f.identifier, f.mm_position.offset, f.mm_position.length)
+                     for f in request.mm_features) if request.mm_features else ()
+    embeds, unkeyable = None, None
+    if request.prompt_embeds is not None:
+        try:
+            # The bytes vLLM hashes (tensor_data of each block's rows), one row per position.
+            tensor = request.prompt_embeds
+            embeds = np.asarray(tensor_data(tensor)).reshape(tensor.shape[0], -1)
+        except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
+            unkeyable = "prompt_embeds"
+    return RequestKeys(cache_salt=request.cache_salt,
+                       lora_name=lora.lora_name if lora else None,
+                       lora_path=lora.lora_path if lora else None,
+                       mm_items=mm_items, prompt_embeds=embeds, unkeyable=unkeyable)
 
 
 def _recompute_failed_loads(kv_transfer_config) -> None:
