@@ -3,14 +3,13 @@ prefill/decode (Mooncake Store).
 
 Each engine runs in its own process with its own host tier and no shared disk; the only thing
 the engines share is the remote store, and the kvtier engines reset vLLM's device prefix cache
-before every prompt, so any reuse comes through G4. Outputs must be token-identical to vLLM
-without kvtier (greedy decoding), and the reuse must show in kvtier's metrics.
+before every prompt, so any reuse comes through G4. Outputs must match vLLM without kvtier
+(``kvtier.cli.oracle``: float32, identical greedy tokens, logprobs within tolerance), and the
+reuse must show in kvtier's metrics. ``onboard_mode: always`` keeps the machine's speed from
+choosing between loading and recomputing.
 
 The baseline is one vLLM engine without kvtier that keeps its own prefix cache across the same
-sequence of prompts. That is the run kvtier must reproduce: on the CPU build, prefilling a
-prompt on top of cached KV is not bit-for-bit the same computation as prefilling it whole (with
-these prompts vLLM alone diverges after a few tokens), so "vLLM alone, recomputing everything"
-would differ from vLLM alone reusing its own cache just as much as from kvtier.
+sequence of prompts: prefilling on top of cached KV, the computation kvtier's runs do.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import pytest
 from servers import free_port
 
 from kvtier.cli.demo import conversation_prompts
+from kvtier.cli.oracle import compare
 from kvtier.cli.vllm_job import run_job_process
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,8 @@ def phase(prompts, max_tokens=MAX_TOKENS):
 
 
 def kvtier(extra: dict) -> dict:
-    return {**CONNECTOR, "extra": {"metrics_port": free_port(), **extra}}
+    return {**CONNECTOR, "extra": {"metrics_port": free_port(), "onboard_mode": "always",
+                                   **extra}}
 
 
 def metric(result, name: str, **labels) -> float:
@@ -61,8 +62,9 @@ def metric(result, name: str, **labels) -> float:
     return result["metrics"].get(key, 0.0)
 
 
-def outputs(result, index: int = 0):
-    return result["phases"][index]["outputs"]
+def assert_matches(baseline_phase: dict, result: dict) -> None:
+    verdict = compare(baseline_phase, result["phases"][0])
+    assert verdict.ok, verdict
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def baseline(tiny_model, turns, pd_prompts, tmp_path_factory):
     result = run_job_process(job(tiny_model, phases), log_path=log)
     assert all(len(o) == p["max_tokens"] for p, r in zip(phases, result["phases"])
                for o in r["outputs"])
-    return [outputs(result, i) for i in range(len(phases))]
+    return result["phases"]
 
 
 def test_cross_instance_reuse_through_redis(tiny_model, turns, baseline, redis_server,
@@ -87,14 +89,14 @@ def test_cross_instance_reuse_through_redis(tiny_model, turns, baseline, redis_s
     a_extra = {"host_cache_gb": 0.2, "remote_url": url, "model_id": model_id}
     a = run_job_process(job(tiny_model, [phase(turns[0])], kvtier(a_extra)),
                         log_path=str(tmp_path / "a.log"))
-    assert outputs(a) == baseline[0]
+    assert_matches(baseline[0], a)
     assert metric(a, "kvtier_transfer_blocks", direction="g2_to_g4") > 0
     assert metric(a, "kvtier_dropped_offloads", tier="G4") == 0
 
     b_extra = {"remote_url": url, "model_id": model_id}
     b = run_job_process(job(tiny_model, [phase(turns[1])], kvtier(b_extra)),
                         log_path=str(tmp_path / "b.log"))
-    assert outputs(b) == baseline[1]
+    assert_matches(baseline[1], b)
     # Turn 2 extends turn 1, whose prompts A computed: all their full blocks (each prompt
     # loses at most its last partial block) must have come from the store.
     prefix_tokens = metric(a, "kvtier_requested_tokens")
@@ -110,14 +112,14 @@ def test_disaggregated_prefill_then_decode_through_mooncake(tiny_model, pd_promp
     extra = {"host_cache_gb": 0.2, "remote_url": url, "model_id": model_id}
     prefill = run_job_process(job(tiny_model, [phase(pd_prompts, max_tokens=1)],
                                   kvtier(extra)), log_path=str(tmp_path / "prefill.log"))
-    assert outputs(prefill) == baseline[2]
+    assert_matches(baseline[2], prefill)
     assert metric(prefill, "kvtier_dropped_offloads", tier="G4") == 0
 
     # Decode instance: loads the prompts' KV from the store instead of prefilling them.
     extra = {"remote_url": url, "model_id": model_id}
     decode = run_job_process(job(tiny_model, [phase(pd_prompts)], kvtier(extra)),
                              log_path=str(tmp_path / "decode.log"))
-    assert outputs(decode) == baseline[3]
+    assert_matches(baseline[3], decode)
     prompt_tokens = metric(decode, "kvtier_requested_tokens")
     # Everything but each prompt's last partial block (at most BLOCK tokens) came from G4.
     assert (metric(decode, "kvtier_matched_tokens", tier="G4")
