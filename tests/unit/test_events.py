@@ -12,8 +12,9 @@ from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBuff
 from kvtier.events.publisher import ZmqEventPublisher, _offset_endpoint, encode_batch
 from kvtier.pools import BlockPool
 from kvtier.tiers import Tier
+from need import need_module
 
-zmq = pytest.importorskip("zmq")
+zmq = need_module("zmq")
 
 
 def test_event_buffer_hands_over_batches_in_order():
@@ -48,7 +49,7 @@ def test_pool_events_describe_its_lifecycle():
 
 @pytest.fixture(scope="module")
 def vllm_kv_events():
-    return pytest.importorskip("vllm.distributed.kv_events")
+    return need_module("vllm.distributed.kv_events")
 
 
 def _sample_events():

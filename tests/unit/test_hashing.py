@@ -20,6 +20,7 @@ from kvtier.hashing import (
     vllm_extra_keys,
     vllm_none_hash,
 )
+from need import need_module
 
 FAST_MODES = ("xxh3", "kvbm")
 
@@ -209,12 +210,12 @@ def test_vllm_extra_keys_layout():
 # -- engine modes against the installed vLLM ----------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_utils():
-    return pytest.importorskip("vllm.v1.core.kv_cache_utils")
+    return need_module("vllm.v1.core.kv_cache_utils")
 
 
 @pytest.fixture(scope="module")
 def vllm_hashing():
-    return pytest.importorskip("vllm.utils.hashing")
+    return need_module("vllm.utils.hashing")
 
 
 @pytest.mark.parametrize("mode", ENGINE_MODES)
@@ -346,7 +347,7 @@ def test_lora_path_and_prompt_embeds_are_keyed(mode, monkeypatch):
 
 @pytest.fixture(scope="module")
 def vllm_mm():
-    return pytest.importorskip("vllm.multimodal.inputs")
+    return need_module("vllm.multimodal.inputs")
 
 
 def _vllm_request(vllm_utils, vllm_mm, fn, tokens, positions, identifiers, **kw):
