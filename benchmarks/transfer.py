@@ -11,6 +11,11 @@ Metrics (ratio = ours / baseline, target >= 0.85):
   g2_to_g3  engine durable write (headers, checksums, O_DIRECT pwritev, fdatasync, journal)
                                                           vs  dd oflag=direct conv=fdatasync bs=2M
   g3_to_g2  engine read + checksum verification           vs  dd iflag=direct bs=2M
+  g1_to_g2_stamped  the worker's offload (copy_device_to_host) stamping each slot's header
+                    with its checksum                     vs  the same copy without headers
+  g2_to_g1_verified the worker's onboard (copy_host_to_device) verifying each G2 slot
+                    against its key before the scatter    vs  the same copy unverified
+                    (target: verified at most 10% slower, ratio >= 0.91)
 GB/s counts payload bytes (10^9 B/s); both sides move the same byte count. Values are medians of
 repeated, interleaved runs (the machine is shared and noisy). The disk pair gets one untimed
 warm-up pass each, so both write into already-written extents of preallocated files.
@@ -38,7 +43,13 @@ from kvtier.layout import DeviceKV
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.tiers import Tier
-from kvtier.transfer import TransferEngine, TransferKind, TransferRequest
+from kvtier.transfer import (
+    TransferEngine,
+    TransferKind,
+    TransferRequest,
+    copy_device_to_host,
+    copy_host_to_device,
+)
 
 LAYERS, HEADS, TOKENS, HEAD_SIZE = 32, 8, 16, 128
 DD_BS = 2 << 20
@@ -86,8 +97,8 @@ def main() -> None:
     total = n * block_bytes
     arena = HostArena(n, geometry, pin=args.device == "cuda")
     workdir = tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.dir)
-    disk = DiskStorage(os.path.join(workdir, "g3"), n, arena.slot_bytes,
-                       geometry.fingerprint("bench"))
+    fingerprint = geometry.fingerprint("bench")
+    disk = DiskStorage(os.path.join(workdir, "g3"), n, arena.slot_bytes, fingerprint)
     engine = TransferEngine(device=dev, arena=arena, disk=disk, max_batch_blocks=64,
                             max_concurrent=2)
     perm = torch.randperm(num_blocks, generator=gen)
@@ -151,6 +162,24 @@ def main() -> None:
     dd(dd_write)
     dd(dd_read)
 
+    # The worker's G1 <-> G2 path with and without checksums (the same function both ways).
+    def store_plain() -> None:
+        copy_device_to_host(dev, block_ids, arena, slots)
+
+    def store_stamped() -> None:
+        copy_device_to_host(dev, block_ids, arena, slots, keys=keys, fingerprint=fingerprint)
+
+    def load_plain() -> None:
+        copy_host_to_device(arena, slots, dev, block_ids)
+
+    def load_verified() -> None:
+        if copy_host_to_device(arena, slots, dev, block_ids, keys=keys, fingerprint=fingerprint):
+            raise SystemExit("benchmark blocks failed verification")
+
+    store_stamped()
+    load_verified()
+    load_plain()
+
     pairs = {
         "g1_to_g2": (lambda: run_engine(engine, g1_g2), index_select_gather, total,
                      gather_name, total),
@@ -159,16 +188,23 @@ def main() -> None:
                      "dd oflag=direct conv=fdatasync bs=2M", dd_bytes),
         "g3_to_g2": (lambda: run_engine(engine, g3_g2), lambda: dd(dd_read), total,
                      "dd iflag=direct bs=2M", dd_bytes),
+        "g1_to_g2_stamped": (store_stamped, store_plain, total,
+                             "copy_device_to_host without headers", total),
+        "g2_to_g1_verified": (load_verified, load_plain, total,
+                              "copy_host_to_device unverified", total),
     }
+    # The checksum pairs differ by a few percent: more (cheap) runs for a steadier median.
+    checksum_repeats = max(3 * repeats, 15)
     results = []
     print(f"{n} blocks x {block_bytes / 2**20:.2f} MiB ({total / 2**20:.0f} MiB) per transfer, "
           f"{LAYERS} layers (vLLM CPU layout, bf16) on {device}, {repeats} runs each, "
           f"disk in {workdir}")
-    print(f"{'metric':<10} {'ours GB/s':>10} {'baseline GB/s':>14} {'ratio':>6}  baseline")
+    print(f"{'metric':<17} {'ours GB/s':>10} {'baseline GB/s':>14} {'ratio':>6}  baseline")
     try:
         for metric, (ours, base, ours_bytes, base_name, base_bytes) in pairs.items():
             ours_s, base_s = [], []
-            for rep in range(repeats):  # interleaved, alternating who goes first
+            runs = checksum_repeats if metric.endswith(("_stamped", "_verified")) else repeats
+            for rep in range(runs):  # interleaved, alternating who goes first
                 if rep % 2:
                     ours_s.append(timed(ours))
                     base_s.append(timed(base))
@@ -178,10 +214,15 @@ def main() -> None:
             value = ours_bytes / statistics.median(ours_s) / 1e9
             baseline = base_bytes / statistics.median(base_s) / 1e9
             ratio = value / baseline
-            results.append({"metric": metric, "value": round(value, 3), "unit": "GB/s",
-                             "baseline": base_name, "baseline_value": round(baseline, 3),
-                             "ratio": round(ratio, 3)})
-            print(f"{metric:<10} {value:>10.2f} {baseline:>14.2f} {ratio:>6.2f}  {base_name}")
+            entry = {"metric": metric, "value": round(value, 3), "unit": "GB/s",
+                     "baseline": base_name, "baseline_value": round(baseline, 3),
+                     "ratio": round(ratio, 3)}
+            if metric == "g2_to_g1_verified":
+                entry["target_ratio"] = 0.91  # at most 10% slower than unverified
+                entry["slowdown_pct"] = round((statistics.median(ours_s)
+                                               / statistics.median(base_s) - 1) * 100, 1)
+            results.append(entry)
+            print(f"{metric:<17} {value:>10.2f} {baseline:>14.2f} {ratio:>6.2f}  {base_name}")
             sys.stdout.flush()
         # The data really moved: the last G3 -> G2 -> G1 round trip left every block intact.
         run_engine(engine, g1_g2)

@@ -58,6 +58,9 @@ class KvtierConfig:
     # Transfers.
     max_transfer_batch_blocks: int = 64
     max_concurrent_transfers: int = 4
+    # Verify every G2 (host RAM) block against its header checksum before it is copied to the
+    # device, as G3/G4 blocks always are (headers are stamped when blocks reach G2).
+    verify_host: bool = True
 
     # Observability.
     metrics_port: int = 0

@@ -689,9 +689,15 @@ class Leader:
             if served:
                 self.metrics.record_match(tier, served, self.block_tokens)
         # Unpinnable blocks (no source) are in the worker's failed list too: count each once.
-        num_failed = len(failed | {i for i, t in enumerate(load.source_tiers) if t is None})
+        all_failed = failed | {i for i, t in enumerate(load.source_tiers) if t is None}
+        num_failed = len(all_failed)
         if num_failed:
             self.metrics.load_errors.inc(num_failed)
+            req = self._requests.get(req_id)
+            if req is not None:
+                # The engine recomputes from the first failed block on: offer those blocks
+                # again, so one dropped as corrupt returns to the tiers with recomputed bytes.
+                req.num_offered = min(req.num_offered, req.match_start + min(all_failed))
         if corrupt:
             self.metrics.checksum_failures.inc(len(corrupt))
             logger.warning("request %s: %d onboarded blocks failed verification; "

@@ -30,7 +30,8 @@ class LoadOp:
 
     Block ``i`` goes G3 slot ``g3_slots[i]`` (when not NO_SLOT), or the remote store when ``i``
     is in ``remote_idx``, -> G2 slot ``g2_slots[i]`` -> device block ``device_block_ids[i]``.
-    ``keys[i]`` is checked against the stored header.
+    ``keys[i]`` is checked against the stored header: on arrival in G2 for disk and remote
+    blocks, before the copy to the device for blocks already in G2 (``verify_host``).
     """
 
     req_id: str

@@ -11,6 +11,13 @@ calls:
 
 Nothing here decides policy: which block goes where is the leader's plan.
 
+Every block is verified before the device sees it. Blocks read from G3/G4 are checked on
+arrival in G2 (header, key, checksum). Blocks offloaded G1 -> G2 get their header stamped as
+they are copied (checksum computed while the bytes are in cache), and a load checks every block
+that was already in G2 against its key before scattering it (``verify_host``, on by default): a
+block that fails stays off the device and is reported failed and corrupt, so vLLM recomputes
+it and the leader drops it from G2.
+
 The remote store may be down at start-up, lost or slow at any time: the worker then runs on the
 local tiers (every remote call answers "no" at once), reconnects in the background with backoff,
 and reports the store's health so the leader stops planning remote work meanwhile. A remote read
@@ -38,6 +45,7 @@ from kvtier.protocol import (
     TransferTiming,
     WorkerReport,
 )
+from kvtier.storage import faults
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.storage.remote import RetryingBackend, make_namespace
@@ -93,6 +101,7 @@ class Worker:
         self._finished_loads: set[str] = set()
         self._load_errors: set[int] = set()
         self._checked_layout = False
+        self._fingerprint = 0
 
     # -- set-up -------------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor], block_tokens: int) -> None:
@@ -103,7 +112,7 @@ class Worker:
                 f"registered KV tensors hold {geometry.block_bytes} bytes per block, but the "
                 f"engine's KV cache spec says {self.layout.block_bytes}: unsupported layout "
                 f"{geometry.layout.name} of {len(kv_caches)} layers")
-        fingerprint = geometry.fingerprint(self.model_id)
+        fingerprint = self._fingerprint = geometry.fingerprint(self.model_id)
         if self.layout.num_g2_slots:
             started = time.perf_counter()
             self.arena = HostArena(self.layout.num_g2_slots, geometry)
@@ -201,7 +210,11 @@ class Worker:
         if len(stores):
             started = time.perf_counter()
             try:
-                copy_device_to_host(self.device, stores.src, self.arena, stores.dst)
+                if self.config.verify_host:  # stamp the headers loads will verify
+                    copy_device_to_host(self.device, stores.src, self.arena, stores.dst,
+                                        keys=stores.keys, fingerprint=self._fingerprint)
+                else:
+                    copy_device_to_host(self.device, stores.src, self.arena, stores.dst)
                 self._report.stores_ok.extend(stores.dst)
             except Exception:  # a failed copy is a dropped offload, never a failed step
                 logger.exception("kvtier: offload of %d blocks to host failed", len(stores))
@@ -329,16 +342,40 @@ class Worker:
 
     # -- internals ----------------------------------------------------------------------
     def _finish_load(self, load: _PendingLoad) -> None:
-        """Scatter the blocks that arrived intact into the device; report the rest."""
+        """Verify the G2 blocks, scatter those intact into the device; report the rest."""
         op, corrupt = load.op, load.corrupt
         failed = load.failed | {i for i, s in enumerate(op.g2_slots) if s == NO_SLOT}
         good = [i for i in range(len(op.keys)) if i not in failed]
         if good:
             started = time.perf_counter()
+            slots = [op.g2_slots[i] for i in good]
+            block_ids = [op.device_block_ids[i] for i in good]
+            # Blocks staged from G3/G4 were verified on arrival; the rest were in G2 already.
+            staged = set(op.remote_idx)
+            resident = [op.g3_slots[i] == NO_SLOT and i not in staged for i in good]
             try:
-                copy_host_to_device(self.arena, [op.g2_slots[i] for i in good], self.device,
-                                    [op.device_block_ids[i] for i in good])
-                self._time("g2_to_g1", len(good), started)
+                if faults.active:
+                    faults.host_load(self.arena, [s for s, r in zip(slots, resident) if r])
+                if self.config.verify_host:
+                    bad = copy_host_to_device(self.arena, slots, self.device, block_ids,
+                                              keys=[op.keys[i] for i in good],
+                                              fingerprint=self._fingerprint, check=resident)
+                else:
+                    bad = copy_host_to_device(self.arena, slots, self.device, block_ids)
+                if bad:
+                    bad_idx = {good[j] for j in bad}
+                    logger.debug("kvtier: request %s: %d host blocks failed verification",
+                                 op.req_id, len(bad_idx))
+                    failed = failed | bad_idx
+                    corrupt = corrupt | bad_idx
+                    skipped = set(bad)
+                    kept = [j for j in range(len(good)) if j not in skipped]
+                    slots = [slots[j] for j in kept]
+                    block_ids = [block_ids[j] for j in kept]
+                self._time("g2_to_g1", len(block_ids), started)
+                if faults.active:
+                    faults.onboard_bypass(self.device, self.arena, slots, block_ids,
+                                          op.g2_slots)
             except Exception:
                 logger.exception("kvtier: onboard of request %s failed", op.req_id)
                 failed = set(range(len(op.keys)))

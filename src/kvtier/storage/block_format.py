@@ -47,15 +47,22 @@ def checksum(payload) -> int:
 def pack_header(key: BlockKey, geometry: int, payload) -> bytes:
     """The 64-byte header for ``payload`` stored under ``key``."""
     view = memoryview(payload).cast("B")
-    return HEADER.pack(MAGIC, FORMAT_VERSION, 0, geometry, key_bytes(key), view.nbytes,
-                       checksum(view))
+    return header_for(key, geometry, view.nbytes, checksum(view))
 
 
-def verify(header, payload, key: BlockKey, geometry: int) -> None:
-    """Raise ``BlockFormatError`` unless ``header`` + ``payload`` is block ``key`` intact."""
+def header_for(key: BlockKey, geometry: int, length: int, payload_sum: int) -> bytes:
+    """The 64-byte header of a ``length``-byte payload whose xxh3_64 is ``payload_sum`` (for
+    writers that checksum the payload while they copy it)."""
+    return HEADER.pack(MAGIC, FORMAT_VERSION, 0, geometry, key_bytes(key), length, payload_sum)
+
+
+def expected_checksum(header, key: BlockKey, geometry: int, length: int) -> int:
+    """The payload checksum ``header`` promises for block ``key`` of ``length`` bytes; raise
+    ``BlockFormatError`` if any other field is not what the reader expects. For readers that
+    checksum the payload while they copy it (compare, then use the bytes only on a match)."""
     if len(header) < HEADER_BYTES:
         raise BlockFormatError(f"short header: {len(header)} of {HEADER_BYTES} bytes")
-    magic, version, _flags, geo, stored_key, length, stored_sum = HEADER.unpack_from(header)
+    magic, version, _flags, geo, stored_key, stored_len, stored_sum = HEADER.unpack_from(header)
     if magic != MAGIC:
         raise BlockFormatError(f"bad magic {magic!r}")
     if version != FORMAT_VERSION:
@@ -64,10 +71,16 @@ def verify(header, payload, key: BlockKey, geometry: int) -> None:
         raise BlockFormatError(f"geometry fingerprint {geo:#x}, expected {geometry:#x}")
     if stored_key != key_bytes(key):
         raise BlockFormatError("block key does not match the requested hash")
+    if stored_len != length:
+        raise BlockFormatError(f"payload length {length}, header says {stored_len}")
+    return stored_sum
+
+
+def verify(header, payload, key: BlockKey, geometry: int) -> None:
+    """Raise ``BlockFormatError`` unless ``header`` + ``payload`` is block ``key`` intact."""
     view = memoryview(payload).cast("B")
-    if length != view.nbytes:
-        raise BlockFormatError(f"payload length {view.nbytes}, header says {length}")
-    if checksum(view) != stored_sum:
+    expected = expected_checksum(header, key, geometry, view.nbytes)
+    if checksum(view) != expected:
         raise BlockFormatError("checksum mismatch")
 
 

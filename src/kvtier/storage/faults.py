@@ -24,7 +24,24 @@ remote.get     ``RemoteBackend.batch_get_into``'s call     ``timeout`` (the call
                                                            ``timeout_s``), ``partial`` (some keys
                                                            fail), ``delay``; get also ``corrupt``
                                                            (one value's payload byte flipped)
+host.load      ``Worker`` G2 -> G1 onboarding of a load    ``flip``: one payload byte of the
+               op, on its blocks that were in G2 before    middle block (index len//2) flipped in
+               the load, before they are verified          its G2 slot (host memory corruption
+                                                           between store and load: verification
+                                                           must catch it, a counted miss)
+onboard.bypass ``Worker`` G2 -> G1 onboarding of a load    damage verification cannot see, for
+               op, after its blocks were verified and      negative controls: ``zero`` (the middle
+               scattered: applied to the device blocks     block, index len//2, zeroed on the
+               just written (through ``DeviceKV``, in      device), ``swap`` (the middle block's
+               any layout)                                 bytes replaced by those of a G2 slot
+                                                           outside this load, e.g. another
+                                                           prompt's block; else the op's first
+                                                           block), ``shift`` (device block i gets
+                                                           the bytes meant for block i+1, the last
+                                                           block unchanged)
 =============  ==========================================  ========================================
+
+Both ``host.load`` and ``onboard.bypass`` fire at most once per load op (a "call" is one op).
 
 A rule skips its first ``after`` matching calls, then fires with ``probability`` (a seeded RNG;
 with several I/O threads, which call it hits still depends on their timing) at most ``times``
@@ -46,11 +63,13 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from kvtier.errors import ConfigError
-from kvtier.storage.block_format import HEADER_BYTES  # the first payload byte follows it
+from kvtier.storage.block_format import HEADER_BYTES, MAGIC  # the payload follows the header
 
 _PAGE = 4096  # O_DIRECT alignment of a partial transfer
 
@@ -60,6 +79,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "disk.read": ("eio", "short", "flip", "delay"),
     "remote.put": ("error", "timeout", "partial", "delay"),
     "remote.get": ("error", "timeout", "partial", "corrupt", "delay"),
+    "host.load": ("flip",),
+    "onboard.bypass": ("zero", "swap", "shift"),
 }
 _ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 
@@ -270,3 +291,55 @@ def remote_call(point: str, fn: Callable[..., list], timeout_s: float) -> Callab
         return result
 
     return call
+
+
+# -- onboarding hooks (worker, G2 -> G1) ---------------------------------------------------------
+
+
+def host_load(arena: Any, slots: Sequence[int]) -> None:
+    """Called with a load op's G2 slots (its blocks that were in G2 before the load, in op
+    order) just before they are verified: the armed host.load fault flips one payload byte of
+    the middle one in the arena, as a host memory error would."""
+    if not slots:
+        return
+    rule = _pick("host.load")
+    if rule is None:
+        return
+    payload = arena.payload(slots[len(slots) // 2])
+    payload[rule._rng.randrange(payload.size)] ^= rule._rng.randrange(1, 256)
+
+
+def onboard_bypass(dev: Any, arena: Any, slots: Sequence[int], block_ids: Sequence[int],
+                   load_slots: Collection[int]) -> None:
+    """Called after a load op scattered G2 ``slots`` into device ``block_ids`` (the blocks
+    that passed verification, in op order; ``load_slots``: every G2 slot of the op): the armed
+    onboard.bypass fault damages the device blocks as if verification had been bypassed.
+    Device bytes change only through ``dev``'s segments, so any layout is respected."""
+    if not block_ids:
+        return
+    rule = _pick("onboard.bypass")
+    if rule is None:
+        return
+    from kvtier.transfer.copy import copy_host_to_device  # transfer imports storage
+
+    middle = len(block_ids) // 2
+    if rule.kind == "zero":
+        for segment in range(len(dev.segments)):
+            dev.block_bytes_view(segment)[block_ids[middle]].zero_()
+    elif rule.kind == "swap":
+        other = _other_block_slot(arena, load_slots)
+        source = slots[0] if other is None else other
+        copy_host_to_device(arena, [source], dev, [block_ids[middle]])
+    elif len(block_ids) > 1:  # "shift"
+        copy_host_to_device(arena, list(slots[1:]), dev, list(block_ids[:-1]))
+
+
+def _other_block_slot(arena: Any, exclude: Collection[int]) -> int | None:
+    """The first arena slot outside ``exclude`` whose header says it holds a block."""
+    stamped = np.flatnonzero((arena.slots_array[:, :len(MAGIC)]
+                              == np.frombuffer(MAGIC, dtype=np.uint8)).all(axis=1))
+    excluded = set(exclude)
+    for slot in stamped.tolist():
+        if slot not in excluded:
+            return slot
+    return None

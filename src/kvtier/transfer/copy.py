@@ -15,6 +15,14 @@ segments back to back. Two implementations behind one ``BlockCopier``:
 
 Block ids and slots are validated for the whole batch before any byte moves; a malformed batch
 raises ``TransferError`` and changes nothing.
+
+Checksums (``block_format``) ride along when the caller names the blocks' keys: an offload with
+``keys`` stamps each slot's header, and ``to_device_verified`` checks each slot against its key
+before any of its bytes reach the device; a slot that fails is not copied and is reported. On CPU
+both happen block by block inside the copy loop, so the checksum reads bytes the copy has just
+written (offload) or is about to read (onboard) while they are in cache: the extra pass costs
+cache bandwidth, not a second trip through memory. On CUDA the host side is checksummed before
+each chunk's DMA (onboard) or after the copy lands (offload).
 """
 
 from __future__ import annotations
@@ -22,21 +30,37 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import xxhash
 
-from kvtier.errors import LayoutError, TransferError
+from kvtier.errors import BlockFormatError, LayoutError, TransferError
 from kvtier.layout import DeviceKV
-from kvtier.storage.block_format import HEADER_BYTES
+from kvtier.storage.block_format import (
+    HEADER_BYTES,
+    BlockKey,
+    expected_checksum,
+    header_for,
+    key_bytes,
+)
 from kvtier.storage.host import HostArena
 
 _memmove = ctypes.memmove
+_xxh3 = xxhash.xxh3_64_intdigest
+
+# A stamping offload checksums each block's payload in runs of this many bytes, each right after
+# the copy wrote it (still in L2), with one streaming xxh3 per block (the same digest).
+_STAMP_RUN_BYTES = 256 << 10
 
 # CPU copies of at least this many bytes are split over ``copy_threads`` threads: one thread
 # does not saturate memory bandwidth (ENVIRONMENT.md §9: copy_ 8.5 GB/s on 1 thread, 12 on 2).
 _PARALLEL_MIN_BYTES = 8 << 20
+# Host-side verification before CUDA onboards: checksums run on this many helpers, so they keep
+# up with the DMA of the previous chunk.
+_VERIFY_THREADS = min(8, os.cpu_count() or 1)
 _helpers: ThreadPoolExecutor | None = None
 _helpers_size = 0
 _helpers_lock = threading.Lock()
@@ -98,6 +122,29 @@ def _as_ids(values, what: str, limit: int) -> np.ndarray:
     return ids
 
 
+def verify_slots(arena: HostArena, slots: Sequence[int], keys: Sequence[BlockKey],
+                 fingerprint: int, check: Sequence[bool] | None = None, *,
+                 threads: int = 1) -> list[int]:
+    """Indices of the ``slots`` that do not hold block ``keys[i]`` of geometry ``fingerprint``
+    intact (header fields, payload checksum); ``check[i]`` False skips slot ``i``. With
+    ``threads`` > 1 the slots are checksummed on the copy helpers (xxh3 releases the GIL)."""
+    todo = [i for i in range(len(slots)) if check is None or check[i]]
+
+    def bad(i: int) -> bool:
+        return arena.check(slots[i], keys[i], fingerprint) is not None
+
+    if threads > 1 and len(todo) > 1:
+        verdicts = list(_helper_pool(threads).map(bad, todo))
+    else:
+        verdicts = [bad(i) for i in todo]
+    return [i for i, failed in zip(todo, verdicts) if failed]
+
+
+def _check_keys(keys: Sequence[BlockKey], n: int) -> None:
+    if len(keys) != n:
+        raise TransferError(f"{n} blocks but {len(keys)} keys")
+
+
 def _check_batch(dev: DeviceKV, block_ids, arena: HostArena, slots,
                  unique: str) -> tuple[np.ndarray, np.ndarray]:
     blocks = _as_ids(block_ids, "device block id", dev.num_blocks)
@@ -133,13 +180,28 @@ class BlockCopier:
     def is_cuda(self) -> bool:
         return isinstance(self._impl, _CudaCopier)
 
-    def to_host(self, block_ids, slots, *, after: Any = None) -> Completion:
-        """Copy device blocks ``block_ids`` into arena ``slots`` (payload only; the header is
-        stamped later by ``HostArena.write_header``). ``after``: a CUDA event to wait for."""
+    def to_host(self, block_ids, slots, *, after: Any = None,
+                keys: Sequence[BlockKey] | None = None, fingerprint: int = 0) -> Completion:
+        """Copy device blocks ``block_ids`` into arena ``slots``. ``after``: a CUDA event to
+        wait for. Without ``keys`` only the payload moves (``HostArena.write_header`` stamps it
+        later); with ``keys`` slot ``i``'s header is stamped as block ``keys[i]`` of geometry
+        ``fingerprint`` (payload checksum included) before this returns or, on CUDA, once the
+        copy has landed: the returned completion is then already done."""
         blocks, arena_slots = _check_batch(self.dev, block_ids, self.arena, slots, "slots")
+        if keys is not None:
+            _check_keys(keys, blocks.size)
+            for key in keys:
+                key_bytes(key)  # a malformed key is refused before any byte moves
         if blocks.size == 0:
             return DONE
-        return self._impl.to_host(blocks, arena_slots, after)
+        if keys is None:
+            return self._impl.to_host(blocks, arena_slots, after)
+        if isinstance(self._impl, _CpuCopier):
+            self._impl.to_host_stamped(blocks, arena_slots, keys, fingerprint)
+            return DONE
+        self._impl.to_host(blocks, arena_slots, after).wait()
+        self.arena.write_header(arena_slots.tolist(), keys, fingerprint)
+        return DONE
 
     def to_device(self, slots, block_ids, *, after: Any = None) -> Completion:
         """Copy arena ``slots`` payloads into device blocks ``block_ids``."""
@@ -147,6 +209,40 @@ class BlockCopier:
         if blocks.size == 0:
             return DONE
         return self._impl.to_device(arena_slots, blocks, after)
+
+    def to_device_verified(self, slots, block_ids, keys: Sequence[BlockKey], fingerprint: int,
+                           *, check: Sequence[bool] | None = None,
+                           after: Any = None) -> tuple[Completion, list[int]]:
+        """``to_device``, but slot ``i`` is first verified as block ``keys[i]`` of geometry
+        ``fingerprint`` (header fields and payload checksum); a slot that fails is not copied.
+        ``check[i]`` False trusts slot ``i`` (it was verified on its way into the arena).
+
+        Returns the completion and the batch indices that failed, in order: their device
+        blocks are untouched."""
+        blocks, arena_slots = _check_batch(self.dev, block_ids, self.arena, slots, "blocks")
+        _check_keys(keys, blocks.size)
+        if check is not None and len(check) != blocks.size:
+            raise TransferError(f"{blocks.size} blocks but {len(check)} verify flags")
+        if blocks.size == 0:
+            return DONE, []
+        if isinstance(self._impl, _CpuCopier):
+            return DONE, self._impl.to_device_verified(arena_slots, blocks, keys, fingerprint,
+                                                       check)
+        # CUDA: verify one chunk on the host (over the copy helpers) while the previous
+        # chunk's DMA runs.
+        bad, done = [], DONE
+        step = self._impl.capacity
+        for first in range(0, blocks.size, step):
+            stop = min(first + step, blocks.size)
+            failed = {first + i for i in verify_slots(
+                self.arena, arena_slots[first:stop].tolist(), keys[first:stop], fingerprint,
+                None if check is None else check[first:stop], threads=_VERIFY_THREADS)}
+            good = [i for i in range(first, stop) if i not in failed]
+            bad.extend(sorted(failed))
+            if good:
+                done = self._impl.to_device(arena_slots[good], blocks[good], after)
+                after = None  # later chunks follow on the same stream
+        return done, bad
 
 
 class _CpuCopier:
@@ -160,7 +256,38 @@ class _CpuCopier:
         self._uniform = int(seg.nbytes[0]) if np.all(seg.nbytes == seg.nbytes[0]) else 0
         self._arena_base = arena.base_addr
         self._slot_bytes = arena.slot_bytes
+        self._payload_bytes = arena.payload_bytes
+        self._arena = arena
         self._keep = (dev, arena)  # the addresses stay valid while these live
+        self._runs: tuple | None = None  # the stamping copy's pieces, built on first use
+
+    def _stamp_pieces(self) -> tuple:
+        """The payload split into pieces that never cross a run of ``_STAMP_RUN_BYTES``: per
+        piece its segment, offset in the segment, offset in the payload and length; then the
+        runs as (first piece, end piece, payload start, payload end)."""
+        if self._runs is None:
+            run = _STAMP_RUN_BYTES
+            seg_idx, in_seg, offsets, lengths = [], [], [], []
+            for i, (start, size) in enumerate(zip(self._slot_offset.tolist(),
+                                                  self._nbytes.tolist())):
+                start -= HEADER_BYTES
+                pos = 0
+                while pos < size:
+                    at = start + pos
+                    take = min(size - pos, (at // run + 1) * run - at)
+                    seg_idx.append(i)
+                    in_seg.append(pos)
+                    offsets.append(at)
+                    lengths.append(take)
+                    pos += take
+            runs, first = [], 0
+            for k in range(1, len(offsets) + 1):
+                if k == len(offsets) or offsets[k] // run != offsets[first] // run:
+                    runs.append((first, k, offsets[first], offsets[k - 1] + lengths[k - 1]))
+                    first = k
+            self._runs = (np.asarray(seg_idx, dtype=np.int64), np.asarray(in_seg, dtype=np.int64),
+                          np.asarray(offsets, dtype=np.int64), lengths, runs)
+        return self._runs
 
     def _addresses(self, blocks: np.ndarray, slots: np.ndarray) -> tuple[list, list]:
         dev = (self._dev_addr[None, :] + blocks[:, None] * self._dev_stride[None, :]).ravel()
@@ -198,6 +325,88 @@ class _CpuCopier:
         self._copy(dev, host, blocks.size)
         return DONE
 
+    def _by_block(self, work, nblocks: int) -> None:
+        """Run ``work(first, stop)`` over block ranges, split over the copy helpers like
+        ``_copy`` (each block's checksum and copy stay on one thread, in cache)."""
+        total = int(self._nbytes.sum()) * nblocks
+        if self._threads > 1 and total >= _PARALLEL_MIN_BYTES and nblocks > 1:
+            parts = min(self._threads, nblocks)
+            step = -(-nblocks // parts)
+            pool = _helper_pool(parts - 1)
+            futures = [pool.submit(work, i, min(i + step, nblocks))
+                       for i in range(step, nblocks, step)]
+            work(0, step)
+            for future in futures:
+                future.result()
+        else:
+            work(0, nblocks)
+
+    def to_host_stamped(self, blocks: np.ndarray, slots: np.ndarray,
+                        keys: Sequence[BlockKey], fingerprint: int) -> None:
+        """Copy each block into its slot run by run, checksumming each run of the payload just
+        after writing it (still in cache), then stamp the header."""
+        seg_idx, in_seg, offsets, lengths, runs = self._stamp_pieces()
+        num_pieces = len(lengths)
+        dev = (self._dev_addr[seg_idx][None, :] + blocks[:, None] * self._dev_stride[seg_idx]
+               + in_seg[None, :]).ravel().tolist()
+        host = (self._arena_base + slots[:, None] * self._slot_bytes + HEADER_BYTES
+                + offsets[None, :]).ravel().tolist()
+        slot_list = slots.tolist()
+        arena = memoryview(self._arena.array)
+        slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
+        memmove = _memmove
+
+        def work(first: int, stop: int) -> None:
+            digest = xxhash.xxh3_64()
+            for j in range(first, stop):
+                at = j * num_pieces
+                start = slot_list[j] * slot_bytes
+                payload = start + HEADER_BYTES
+                digest.reset()
+                for piece, end, lo, hi in runs:
+                    for k in range(at + piece, at + end):
+                        memmove(host[k], dev[k], lengths[k - at])
+                    digest.update(arena[payload + lo:payload + hi])
+                arena[start:payload] = header_for(keys[j], fingerprint, payload_bytes,
+                                                  digest.intdigest())
+
+        self._by_block(work, blocks.size)
+
+    def to_device_verified(self, slots: np.ndarray, blocks: np.ndarray,
+                           keys: Sequence[BlockKey], fingerprint: int,
+                           check: Sequence[bool] | None) -> list[int]:
+        """Per block: checksum the slot's payload (pulling it into cache), then copy it out
+        only if it matches its header. Returns the failed batch indices."""
+        dev, host = self._addresses(blocks, slots)
+        num_seg = len(self._nbytes)
+        sizes = self._nbytes.tolist()
+        slot_list = slots.tolist()
+        arena = memoryview(self._arena.array)
+        slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
+        memmove, xxh3 = _memmove, _xxh3
+        bad: list[int] = []
+
+        def work(first: int, stop: int) -> None:
+            for j in range(first, stop):
+                if check is None or check[j]:
+                    start = slot_list[j] * slot_bytes
+                    payload = start + HEADER_BYTES
+                    try:
+                        want = expected_checksum(arena[start:payload], keys[j], fingerprint,
+                                                 payload_bytes)
+                    except BlockFormatError:
+                        bad.append(j)
+                        continue
+                    if xxh3(arena[payload:payload + payload_bytes]) != want:
+                        bad.append(j)
+                        continue
+                at = j * num_seg
+                for k in range(num_seg):
+                    memmove(dev[at + k], host[at + k], sizes[k])
+
+        self._by_block(work, blocks.size)
+        return sorted(bad)
+
 
 def _memmove_all(dsts: list, srcs: list, sizes: list) -> None:
     for d, s, size in zip(dsts, srcs, sizes):
@@ -228,7 +437,7 @@ class _CudaCopier:
         self._torch = torch
         self._device = dev.device
         self._arena = arena
-        self._capacity = max(1, max_batch_blocks)
+        self._capacity = self.capacity = max(1, max_batch_blocks)
         slot_bytes = arena.slot_bytes
         seg = dev.segments
         self._dev_views = []
@@ -344,18 +553,32 @@ def _shared_copier(dev: DeviceKV, arena: HostArena) -> BlockCopier:
         return copier
 
 
-def copy_device_to_host(dev: DeviceKV, block_ids, arena: HostArena, slots) -> None:
-    """Copy device blocks into arena slots and return when the bytes are in the arena.
+def copy_device_to_host(dev: DeviceKV, block_ids, arena: HostArena, slots, *,
+                        keys: Sequence[BlockKey] | None = None, fingerprint: int = 0) -> None:
+    """Copy device blocks into arena slots and return when the bytes are in the arena. With
+    ``keys``, each slot's header is stamped too (see ``BlockCopier.to_host``).
 
     On CUDA the copy waits for work already queued on the caller's current stream."""
-    _shared_copier(dev, arena).to_host(block_ids, slots,
-                                       after=_current_stream_event(dev)).wait()
+    _shared_copier(dev, arena).to_host(block_ids, slots, after=_current_stream_event(dev),
+                                       keys=keys, fingerprint=fingerprint).wait()
 
 
-def copy_host_to_device(arena: HostArena, slots, dev: DeviceKV, block_ids) -> None:
-    """Copy arena slot payloads into device blocks and return when they are on the device."""
-    _shared_copier(dev, arena).to_device(slots, block_ids,
-                                         after=_current_stream_event(dev)).wait()
+def copy_host_to_device(arena: HostArena, slots, dev: DeviceKV, block_ids, *,
+                        keys: Sequence[BlockKey] | None = None, fingerprint: int = 0,
+                        check: Sequence[bool] | None = None) -> list[int]:
+    """Copy arena slot payloads into device blocks and return when they are on the device.
+
+    With ``keys``, slots are verified first (see ``BlockCopier.to_device_verified``); returns
+    the batch indices that failed and were not copied (always empty without ``keys``)."""
+    copier = _shared_copier(dev, arena)
+    after = _current_stream_event(dev)
+    if keys is None:
+        copier.to_device(slots, block_ids, after=after).wait()
+        return []
+    done, bad = copier.to_device_verified(slots, block_ids, keys, fingerprint, check=check,
+                                          after=after)
+    done.wait()
+    return bad
 
 
 def _current_stream_event(dev: DeviceKV) -> Any:
