@@ -17,11 +17,17 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, as a package (a dependency on Python 3.10 only)
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +203,6 @@ def _read_file(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"cannot read config file {path!r}: {exc}") from None
     try:
         if path.suffix == ".toml":
-            import tomllib
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             import yaml

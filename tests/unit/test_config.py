@@ -1,7 +1,11 @@
+import importlib.util
 import logging
+import sys
+import types
 
 import pytest
 
+import kvtier.config
 from kvtier.config import KvtierConfig, load_config, redact_url
 from kvtier.errors import ConfigError
 
@@ -101,3 +105,32 @@ def test_non_table_section_and_binary_file_are_config_errors(tmp_path):
     b.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(env={"KVTIER_CONFIG": str(b)})
+
+
+def test_toml_parser_is_tomli_before_python_3_11(tmp_path, monkeypatch):
+    """On Python 3.10 (no stdlib tomllib) config.py reads TOML with the ``tomli`` package that
+    pyproject declares there. Simulated: the module is executed afresh (under another name, so
+    the loaded kvtier.config is untouched) with version_info 3.10 and a stand-in tomli."""
+    calls = []
+    parser = kvtier.config.tomllib  # the real one, whichever it is here
+    tomli = types.ModuleType("tomli")
+    tomli.loads = lambda text: calls.append(text) or parser.loads(text)
+    monkeypatch.setitem(sys.modules, "tomli", tomli)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # importing it would fail, as on 3.10
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    spec = importlib.util.spec_from_file_location("kvtier_config_py310", kvtier.config.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    monkeypatch.undo()
+    assert module.tomllib is tomli
+    f = tmp_path / "k.toml"
+    f.write_text("[kvtier]\nhost_cache_blocks = 64\n")
+    assert module.load_config(env={"KVTIER_CONFIG": str(f)}).host_cache_blocks == 64
+    assert calls == [f.read_text()]
+
+
+def test_toml_parser_is_the_stdlib_one_from_python_3_11():
+    if sys.version_info < (3, 11):
+        pytest.skip("Python 3.10: tomli (covered above)")
+    assert kvtier.config.tomllib is importlib.import_module("tomllib")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -16,7 +17,9 @@ import pytest
 
 from kvtier.errors import StorageError
 from kvtier.layout import KVGeometry, LayoutKind
-from kvtier.storage.disk import DATA_NAME, JOURNAL_NAME, DiskStorage
+from kvtier.storage import disk as disk_module
+from kvtier.storage import faults
+from kvtier.storage.disk import DATA_NAME, DEGRADED, JOURNAL_NAME, DiskStorage
 from kvtier.storage.host import HostArena
 from need import need
 
@@ -428,3 +431,181 @@ def test_write_failures_are_counted_drops_not_exceptions(tmp_path, arena):
     assert all(disk.read(arena, [(i, i, 50 + i) for i in range(4)]))
     assert (arena.payload(3) == 5).all()
     disk.close()
+
+
+# -- journal errors stay per-block failures ----------------------------------------------------
+
+
+def _stored(disk, arena, pairs, seed):
+    """Write ``(arena_slot, disk_slot, key)`` blocks; {key: payload} of what was stored."""
+    data = fill(arena, [a for a, _d, _k in pairs], seed=seed)
+    assert all(disk.write(arena, pairs))
+    return {key: data[a] for a, _d, key in pairs}
+
+
+def _assert_recovered_blocks_are_intact(disk, arena, payloads):
+    """Every block the index names reads back verified, with the bytes stored under its key."""
+    recovered = disk.recover()
+    into = list(range(8, 8 + len(recovered)))
+    assert disk.read(arena, [(slot, a, key) for (slot, key), a in zip(recovered, into)]) == [
+        True] * len(recovered)
+    for (_slot, key), a in zip(recovered, into):
+        assert np.array_equal(arena.payload(a), payloads[key])
+
+
+def test_invalidate_survives_a_journal_sync_error(tmp_path, arena, caplog):
+    """EIO from the journal's fdatasync during invalidate: no exception, the slots leave the
+    index at once, the journal is rewritten from the index, and a restart does not bring them
+    back (not even once their slots hold other blocks)."""
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    payloads = _stored(disk, arena, [(0, 0, 10), (1, 1, 11), (2, 2, 12)], seed=1)
+    with caplog.at_level(logging.WARNING, logger="kvtier.storage.disk"), \
+            faults.armed("disk.sync", "eio", times=1) as rule:
+        disk.invalidate([0, 1])  # must not raise
+    assert rule.fired == 1
+    assert disk.recover() == [(2, 12)]
+    assert read_back(disk, arena, [0, 1], [10, 11], [8, 9]) == [False, False]
+    assert disk.stats.journal_errors == 1 and disk.stats.invalidated == 2
+    assert not disk.degraded
+    assert DiskStorage.read_index(directory, FP) == [(2, 12)]  # durable: the rewrite
+    assert sum("journal invalidation failed" in r.message for r in caplog.records) == 1
+    payloads.update(_stored(disk, arena, [(3, 0, 20)], seed=2))  # slot 0 reused
+    disk.close()
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    try:
+        assert disk.recover() == [(0, 20), (2, 12)]
+        _assert_recovered_blocks_are_intact(disk, arena, payloads)
+    finally:
+        disk.close()
+
+
+def test_journal_errors_are_logged_once_and_counted(disk, arena, caplog):
+    _stored(disk, arena, [(i, i, 10 + i) for i in range(4)], seed=1)
+    with caplog.at_level(logging.DEBUG, logger="kvtier.storage.disk"), \
+            faults.armed("disk.sync", "eio"):
+        for slot in range(4):
+            disk.invalidate([slot])
+    assert disk.recover() == [] and not disk.degraded
+    assert disk.stats.journal_errors == 4
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_unrewritable_journal_degrades_the_tier_and_a_restart_finds_no_wrong_bytes(
+        tmp_path, arena, monkeypatch):
+    """The journal append and the rewrite both fail: the tier degrades and refuses writes, so
+    the invalidated slots keep their blocks' bytes. Even when the DEL records never reached
+    the disk (simulated by cutting them off the journal), a restart can only find blocks whose
+    bytes are the ones stored under their keys."""
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    payloads = _stored(disk, arena, [(0, 0, 10), (1, 1, 11), (2, 2, 12)], seed=1)
+    journal = os.path.join(directory, JOURNAL_NAME)
+    before = os.path.getsize(journal)
+
+    def cannot_rewrite():
+        raise OSError(errno.EIO, "injected: journal rewrite fails")
+
+    monkeypatch.setattr(disk, "_rewrite_journal", cannot_rewrite)
+    with faults.armed("disk.sync", "eio", times=1):
+        disk.invalidate([0, 1])
+    assert disk.degraded and disk.stats.degraded
+    assert disk.recover() == [(2, 12)]
+    assert read_back(disk, arena, [0], [10], [8]) == [False]
+    # Degraded: overwriting slot 0 (or writing anywhere) is refused and counted, not raised.
+    fill(arena, [3, 4], seed=2)
+    assert disk.write(arena, [(3, 0, 20), (4, 5, 21)]) == [False, False]
+    assert disk.stats.write_errors[DEGRADED] == 2 and disk.stats.dropped_writes == 2
+    disk.invalidate([2])  # no append while degraded, no exception
+    assert disk.recover() == []
+    disk.close()
+    os.truncate(journal, before)  # the DEL records were lost with the page cache
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    try:
+        assert set(disk.recover()) <= {(0, 10), (1, 11), (2, 12)}
+        _assert_recovered_blocks_are_intact(disk, arena, payloads)
+        assert read_back(disk, arena, [0, 5], [20, 21], [14, 15]) == [False, False]
+    finally:
+        disk.close()
+
+
+def test_degraded_tier_heals_when_the_journal_can_be_rewritten(tmp_path, arena, monkeypatch):
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    payloads = _stored(disk, arena, [(0, 0, 10), (1, 1, 11), (2, 2, 12)], seed=1)
+
+    def cannot_rewrite():
+        raise OSError(errno.EIO, "injected: journal rewrite fails")
+
+    monkeypatch.setattr(disk, "_rewrite_journal", cannot_rewrite)
+    with faults.armed("disk.sync", "eio", times=1):
+        disk.invalidate([0, 1])
+    assert disk.degraded
+    fill(arena, [3], seed=2)
+    assert disk.write(arena, [(3, 0, 20)]) == [False]  # not yet time to retry
+    monkeypatch.undo()
+    disk._heal_at = 0.0  # the retry interval has passed
+    payloads.update(_stored(disk, arena, [(3, 0, 20)], seed=2))
+    assert not disk.degraded
+    assert DiskStorage.read_index(directory, FP) == [(0, 20), (2, 12)]
+    disk.close()
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    try:
+        assert disk.recover() == [(0, 20), (2, 12)]
+        _assert_recovered_blocks_are_intact(disk, arena, payloads)
+    finally:
+        disk.close()
+
+
+def test_write_whose_journal_append_fails_is_dropped_and_not_recovered(tmp_path, arena):
+    """The data sync works, the journal's does not: the blocks are False, counted, and the
+    rewritten journal does not name them, so a restart does not find them either."""
+    directory = str(tmp_path / "g3")
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    payloads = _stored(disk, arena, [(0, 0, 10)], seed=1)
+    fill(arena, [1, 2], seed=2)
+    with faults.armed("disk.sync", "eio", after=1, times=1):  # data sync ok, journal sync not
+        assert disk.write(arena, [(1, 1, 11), (2, 2, 12)]) == [False, False]
+    assert disk.stats.write_errors["EIO"] == 2 and disk.stats.journal_errors == 1
+    assert disk.recover() == [(0, 10)] and not disk.degraded
+    disk.close()
+    disk = DiskStorage(directory, NUM_DISK, arena.slot_bytes, FP)
+    try:
+        assert disk.recover() == [(0, 10)]
+        _assert_recovered_blocks_are_intact(disk, arena, payloads)
+    finally:
+        disk.close()
+
+
+def test_compaction_failing_after_the_rename_degrades_the_tier(disk, arena, monkeypatch):
+    """The compacted journal is in place but its directory entry may not be durable: appending
+    to it could be lost on a crash, so the tier stops writing instead."""
+    fill(arena, [0, 1], seed=1)
+    disk._compact_after = 0
+
+    def dir_sync_fails(directory):
+        raise OSError(errno.EIO, "injected: directory fsync fails")
+
+    monkeypatch.setattr(disk_module, "_fsync_dir", dir_sync_fails)
+    assert disk.write(arena, [(0, 0, 10)]) == [True]  # durable before the compaction
+    assert disk.degraded and disk.stats.journal_errors == 1
+    assert disk.write(arena, [(1, 1, 11)]) == [False]
+    assert disk.recover() == [(0, 10)]
+
+
+@pytest.mark.parametrize(("offset", "reason"), [
+    (0, "magic"), (4, "version"), (8, "geometry"), (16, "key"), (48, "length"),
+    (56, "checksum"), (64 + 100, "checksum")])
+def test_failed_read_reasons_come_from_the_header_fields(disk, arena, offset, reason,
+                                                          monkeypatch):
+    """The counter label names the field that failed, whatever the error message says."""
+    fill(arena, [0])
+    assert all(disk.write(arena, [(0, 3, 77)]))
+    with open(os.path.join(disk.directory, DATA_NAME), "r+b") as f:
+        f.seek(3 * disk.slot_bytes + offset)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    monkeypatch.setattr(arena, "check", lambda *args: "an unhelpful message")
+    assert read_back(disk, arena, [3], [77], [1]) == [False]
+    assert dict(disk.stats.failed_reads) == {reason: 1}

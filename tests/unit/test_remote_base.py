@@ -6,14 +6,18 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from kvtier.errors import ConfigError, StorageError, TransferError
-from kvtier.storage import block_format
+from kvtier.storage import block_format, faults
 from kvtier.storage.remote import (
     RemoteBackend,
     RetryingBackend,
@@ -24,7 +28,7 @@ from kvtier.storage.remote import (
     register_backend,
     remote_key,
 )
-from kvtier.storage.remote.base import DOWN
+from kvtier.storage.remote.base import DOWN, FAILED, FULL
 from need import need_module
 
 FP = 0x1234_5678_9ABC_DEF0
@@ -246,3 +250,68 @@ def test_retrying_backend_notices_loss_and_probes_same_client(store_name):
     assert tier.batch_get_into(keys, [memoryview(r) for r in out]) == [True, True]
     assert tier.stats["reconnects"] == 1 and tier.stats["misses"] == 2
     tier.close()
+
+
+# -- outcomes come from types and codes, never from message text --------------------------------
+
+
+class _FakePipeline:
+    def __init__(self, replies):
+        self.replies = replies
+        self.sets = []
+
+    def set(self, name, value, nx, ex):
+        self.sets.append(name)
+
+    def execute(self, raise_on_error):
+        assert raise_on_error is False
+        return list(self.replies)
+
+
+def test_redis_put_outcomes_follow_the_client_exception_class():
+    """A full store is the client's OutOfMemoryError (its class for the server's OOM code),
+    whatever a reply's text says; any other error reply is a failure."""
+    redis = need_module("redis")
+    from kvtier.storage.remote.redis import RedisBackend
+
+    replies = [True, None,
+               redis.exceptions.OutOfMemoryError("command not allowed when used memory > "
+                                                 "'maxmemory'"),
+               redis.exceptions.ResponseError("OOM in the text of another error"),
+               redis.exceptions.ResponseError("ERR something else")]
+    pipe = _FakePipeline(replies)
+    backend = object.__new__(RedisBackend)  # no server: only the reply mapping runs
+    backend._client = type("Client", (), {"pipeline": lambda self, transaction: pipe})()
+    backend._ttl_s = None
+    names = [f"k{i}" for i in range(len(replies))]
+    assert backend._store(names, [memoryview(b"x")] * len(replies)) == [
+        0, 0, FULL, FAILED, FAILED]
+    assert pipe.sets == names
+
+
+def test_partial_fault_reports_the_callers_failed_outcome():
+    """The fault hook takes the per-key failure code from its caller (remote/base.py passes
+    FAILED); its own default is the same value."""
+    assert faults.REMOTE_FAILED == FAILED
+
+    def fetch(names, views):
+        return [b"v"] * len(names)
+
+    with faults.armed("remote.get", "partial", seed=1):
+        out = faults.remote_call("remote.get", fetch, 0.01, failed=-99)(["a", "b", "c"], [None] * 3)
+    assert 0 < out.count(-99) < 3
+
+
+def test_fault_module_does_not_import_remote_code():
+    """faults.py <-> remote/base.py: base imports the fault hook, never the other way round,
+    neither at import time nor inside a function."""
+    code = ("import sys, kvtier.storage.faults; "
+            "print(sorted(m for m in sys.modules if m.startswith('kvtier.storage.remote')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+    tree = ast.parse(Path(faults.__file__).read_text(encoding="utf-8"))
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names]
+    assert not [m for m in imported if m and m.startswith("kvtier.storage.remote")]

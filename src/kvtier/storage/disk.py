@@ -20,6 +20,16 @@ checksum, short read or I/O error is a failed block, never data.
 
 Expected failures (ENOSPC, EIO, EFBIG...) are per-block ``False`` results and counters; only
 broken contracts (slot out of range, wrong arena) and set-up failures raise ``StorageError``.
+
+A journal append that fails (write or ``fdatasync`` error) leaves the journal's tail in an
+unknown state: its records may or may not be durable, and a torn record would hide every record
+after it on replay. The index in memory is updated first (an invalidated slot is gone at once),
+then the journal is rewritten from it (atomically, as at open). If that rewrite fails too the
+tier is *degraded*: it appends nothing and refuses every write, so a slot whose DEL may not be
+durable keeps the bytes of the block its surviving ADD names, and a restart can at most bring
+back an intact block (verified on read like any other), never a slot with other contents.
+Reads of indexed blocks go on; the rewrite is retried now and then and, once it succeeds,
+writes resume.
 """
 
 from __future__ import annotations
@@ -30,18 +40,30 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import xxhash
-from typing_extensions import Self
 
 from kvtier.errors import StorageError
 from kvtier.storage import faults
-from kvtier.storage.block_format import HEADER_BYTES, BlockKey, key_bytes
+from kvtier.storage.block_format import (
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    BlockKey,
+    checksum,
+    key_bytes,
+)
 from kvtier.storage.host import PAGE_BYTES, HostArena
+
+if TYPE_CHECKING:  # never imported at run time: typing.Self needs Python 3.11
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +81,8 @@ _KEY_INT, _KEY_BYTES = 0, 1
 RECORD_BYTES = _RECORD.size  # 64, as is the superblock
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_HEAL_INTERVAL_S = 30.0  # a degraded tier retries its journal rewrite at most this often
+DEGRADED = "degraded"  # write_errors reason: refused while the journal cannot be trusted
 
 
 @dataclass
@@ -76,6 +100,8 @@ class DiskStats:
     read_ios: int = 0
     invalidated: int = 0
     journal_compactions: int = 0
+    journal_errors: int = 0  # journal appends or rewrites that failed (write or sync error)
+    degraded: bool = False  # the journal cannot be trusted: no writes until a rewrite works
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
@@ -154,13 +180,30 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _failure_reason(message: str) -> str:
-    """A short counter label for a BlockFormatError message."""
-    for word, reason in (("checksum", "checksum"), ("key", "key"), ("geometry", "geometry"),
-                         ("length", "length"), ("magic", "magic"), ("version", "version"),
-                         ("short header", "short_read")):
-        if word in message:
-            return reason
+class _JournalReplacedError(OSError):
+    """A journal rewrite failed after the new file was renamed into place: the directory entry
+    may not be durable, or appends may still go to the old, unlinked file."""
+
+
+def _failure_reason(header, payload, key: BlockKey, fingerprint: int) -> str:
+    """The counter label of a block that failed verification: the first header field (in
+    ``block_format.verify``'s order) that is not what the reader expects, from the fields
+    themselves, never from an error message."""
+    if len(header) < HEADER_BYTES:
+        return "short_read"
+    magic, version, _flags, geometry, stored_key, length, stored_sum = HEADER.unpack_from(header)
+    if magic != MAGIC:
+        return "magic"
+    if version != FORMAT_VERSION:
+        return "version"
+    if geometry != fingerprint:
+        return "geometry"
+    if stored_key != key_bytes(key):
+        return "key"
+    if length != len(payload):
+        return "length"
+    if checksum(payload) != stored_sum:
+        return "checksum"
     return "format"
 
 
@@ -193,6 +236,8 @@ class DiskStorage:
         self._lock_fd = self._data_fd = self._journal_fd = -1
         self._journal_records = 0
         self._compact_after = 2 * num_slots + 4096  # records, before an online compaction
+        self._journal_error_logged = False  # the first journal error logs a warning, later ones
+        self._heal_at = 0.0  # degraded: monotonic time of the next journal rewrite attempt
         self._pool: ThreadPoolExecutor | None = None
         try:
             self._open(o_direct)
@@ -329,24 +374,83 @@ class DiskStorage:
         finally:
             os.close(fd)
         os.replace(tmp, self.journal_path)
-        _fsync_dir(self.directory)
-        new_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        old_fd, self._journal_fd = self._journal_fd, new_fd
-        if old_fd >= 0:
-            os.close(old_fd)
-        self._journal_records = len(records) - 1
+        try:
+            new_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            old_fd, self._journal_fd = self._journal_fd, new_fd
+            if old_fd >= 0:
+                os.close(old_fd)
+            self._journal_records = len(records) - 1
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise _JournalReplacedError(exc.errno, exc.strerror) from exc
 
     def _append_journal(self, records: list[bytes]) -> None:
-        """Append and make durable (caller holds the lock)."""
+        """Append and make durable (caller holds the lock). On OSError the caller must call
+        ``_journal_failed``: the records may be partly written, and not durable."""
         _write_all(self._journal_fd, b"".join(records))
+        if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
+            faults.before_sync()
         os.fdatasync(self._journal_fd)
         self._journal_records += len(records)
+
+    def _journal_failed(self, exc: OSError, what: str) -> None:
+        """A journal append failed (caller holds the lock, and has already dropped from the
+        index whatever the append was to remove). Rewrite the journal from the index, which
+        also drops a torn tail; if even that fails, degrade the tier."""
+        self.stats.journal_errors += 1
+        reason = errno.errorcode.get(exc.errno, str(exc.errno))
+        if not self._journal_error_logged:
+            self._journal_error_logged = True
+            logger.warning("disk tier %s: journal %s failed (%s); rewriting the journal from "
+                           "the index (later journal errors are counted, not logged)",
+                           self.directory, what, reason)
+        else:
+            logger.debug("disk tier %s: journal %s failed (%s)", self.directory, what, reason)
+        if self.stats.degraded:
+            return
+        try:
+            self._rewrite_journal()
+        except OSError as rewrite_exc:
+            self.stats.journal_errors += 1
+            self._degrade(rewrite_exc)
+
+    def _degrade(self, exc: OSError) -> None:
+        """Stop writing: the journal on disk may name slots the index no longer holds."""
+        self.stats.degraded = True
+        self._heal_at = time.monotonic() + _HEAL_INTERVAL_S
+        logger.error("disk tier %s: the journal cannot be rewritten (%s); the tier is degraded:"
+                     " it serves the blocks it holds and refuses writes until a rewrite "
+                     "succeeds (retried every %.0f s)", self.directory,
+                     errno.errorcode.get(exc.errno, str(exc.errno)), _HEAL_INTERVAL_S)
+
+    def _maybe_heal(self) -> None:
+        """Degraded: retry the journal rewrite now and then (caller holds the lock)."""
+        if not self.stats.degraded or time.monotonic() < self._heal_at:
+            return
+        try:
+            self._rewrite_journal()
+        except OSError as exc:
+            self.stats.journal_errors += 1
+            self._heal_at = time.monotonic() + _HEAL_INTERVAL_S
+            logger.debug("disk tier %s: journal rewrite still fails (%s)", self.directory, exc)
+            return
+        self.stats.degraded = False
+        logger.info("disk tier %s: journal rewritten; writes resume", self.directory)
+
+    @property
+    def degraded(self) -> bool:
+        """True while the journal cannot be trusted and every write is refused."""
+        return self.stats.degraded
 
     def _maybe_compact(self) -> None:
         """Rewrite a journal grown large (caller holds the lock and has updated the index)."""
         if self._journal_records > self._compact_after:
             try:
                 self._rewrite_journal()
+            except _JournalReplacedError as exc:  # which journal a restart finds is unknown
+                self.stats.journal_errors += 1
+                self._degrade(exc)
+                return
             except OSError as exc:  # the long journal is still valid: keep appending to it
                 logger.warning("disk tier %s: journal compaction failed: %s", self.directory,
                                exc)
@@ -389,18 +493,33 @@ class DiskStorage:
         return stored is not None and key_bytes(stored) == key_bytes(key)
 
     def invalidate(self, disk_slots: Sequence[int]) -> None:
-        """Durably drop ``disk_slots`` from the index before they are reused."""
+        """Durably drop ``disk_slots`` from the index before they are reused.
+
+        The slots leave the index at once, whatever happens. A journal error never raises: the
+        journal is rewritten from the index, or else the tier degrades (no writes, so the slots
+        keep their bytes and a restart cannot find other contents under their old keys).
+        """
         self._check_open()
         with self._lock:
             slots = [s for s in dict.fromkeys(disk_slots) if self._check_slot(s) is not None
                      and self._keys[s] is not None]
             if not slots:
                 return
-            self._append_journal([_pack_record(_OP_DEL, s, self.fingerprint, None)
-                                  for s in slots])
             for s in slots:
                 self._keys[s] = None
             self.stats.invalidated += len(slots)
+            was_degraded = self.stats.degraded
+            self._maybe_heal()
+            if was_degraded:
+                # Healed: the rewrite already left these slots out. Still degraded: append
+                # nothing (a record after a torn one would be lost on replay).
+                return
+            try:
+                self._append_journal([_pack_record(_OP_DEL, s, self.fingerprint, None)
+                                      for s in slots])
+            except OSError as exc:
+                self._journal_failed(exc, "invalidation")
+                return
             self._maybe_compact()
 
     def _check_slot(self, slot: int) -> int:
@@ -487,6 +606,11 @@ class DiskStorage:
         # A slot that still holds an indexed block is dropped from the index first, so a crash
         # mid-overwrite cannot expose it.
         self.invalidate([s for s in disk_slots if self._keys[s] is not None])
+        with self._lock:
+            self._maybe_heal()
+            degraded = self.stats.degraded
+        if degraded:  # a DEL may not be durable: overwrite nothing
+            return self._refuse(n, DEGRADED)
 
         def write_run(run: list[int]) -> tuple[list[int], int, str | None]:
             run_slots = [arena_slots[i] for i in run]
@@ -503,18 +627,31 @@ class DiskStorage:
                 errors[reason] += len(run) - done
         written = [i for i in range(n) if ok[i]]
         if written:
+            failure = None
             try:
                 if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
                     faults.before_sync()
                 os.fdatasync(self._data_fd)
-                with self._lock:
-                    self._append_journal([_pack_record(_OP_ADD, disk_slots[i], self.fingerprint,
-                                                       keys[i]) for i in written])
-                    for i in written:
-                        self._keys[disk_slots[i]] = keys[i]
-                    self._maybe_compact()
             except OSError as exc:
-                errors[errno.errorcode.get(exc.errno, str(exc.errno))] += len(written)
+                failure = errno.errorcode.get(exc.errno, str(exc.errno))
+            else:
+                with self._lock:
+                    if self.stats.degraded:  # degraded meanwhile: append nothing
+                        failure = DEGRADED
+                    else:
+                        try:
+                            self._append_journal([_pack_record(
+                                _OP_ADD, disk_slots[i], self.fingerprint, keys[i])
+                                for i in written])
+                        except OSError as exc:
+                            failure = errno.errorcode.get(exc.errno, str(exc.errno))
+                            self._journal_failed(exc, "append")
+                        else:
+                            for i in written:
+                                self._keys[disk_slots[i]] = keys[i]
+                            self._maybe_compact()
+            if failure is not None:
+                errors[failure] += len(written)
                 for i in written:
                     ok[i] = False
                 written = []
@@ -529,6 +666,14 @@ class DiskStorage:
             logger.warning("disk tier %s: %d of %d block writes failed (%s)", self.directory,
                            n - len(written), n, dict(errors))
         return ok
+
+    def _refuse(self, n: int, reason: str) -> list[bool]:
+        """Every block of a write fails for ``reason`` (counted, logged at debug)."""
+        with self._lock:
+            self.stats.dropped_writes += n
+            self.stats.write_errors[reason] += n
+        logger.debug("disk tier %s: %d block writes refused (%s)", self.directory, n, reason)
+        return [False] * n
 
     def read(self, arena: HostArena, pairs: Sequence[tuple[int, int, BlockKey]]) -> list[bool]:
         """Load ``(disk_slot, arena_slot, key)`` blocks into the arena; per-block success.
@@ -566,11 +711,13 @@ class DiskStorage:
             if reason is not None:
                 failed[reason] += len(run) - done
             for i in run[:done]:
-                problem = arena.check(arena_slots[i], keys[i], self.fingerprint)
+                slot = arena_slots[i]
+                problem = arena.check(slot, keys[i], self.fingerprint)
                 if problem is None:
                     ok[i] = True
                 else:
-                    failed[_failure_reason(problem)] += 1
+                    failed[_failure_reason(arena.header(slot), arena.payload(slot), keys[i],
+                                           self.fingerprint)] += 1
                     logger.debug("disk tier: slot %d: %s", disk_slots[i], problem)
             return run, failed
 

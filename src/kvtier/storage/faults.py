@@ -14,7 +14,9 @@ point          where                                       kinds
 disk.write     ``DiskStorage`` vectored write of a run     ``enospc``, ``eio`` (the call fails),
                                                            ``short`` (half a slot really written),
                                                            ``delay``
-disk.sync      ``fdatasync`` before journalling writes     ``eio``, ``delay``
+disk.sync      ``fdatasync`` of the data file before       ``eio``, ``delay``
+               journalling writes, and of the journal
+               after each append (writes, invalidations)
 disk.read      ``DiskStorage`` vectored read of a run      ``eio``, ``short`` (half a slot read),
                                                            ``flip`` (a payload byte flipped after
                                                            the read: corruption in transit),
@@ -239,7 +241,8 @@ def vector_io(write: bool, fd: int, buffers: list, offset: int) -> int:
 
 
 def before_sync() -> None:
-    """Called just before the data file's ``fdatasync``: the armed disk.sync fault."""
+    """Called just before a disk tier ``fdatasync`` (data file or journal): the armed
+    disk.sync fault."""
     rule = _pick("disk.sync")
     if rule is None:
         return
@@ -252,9 +255,17 @@ def before_sync() -> None:
 # -- remote hook --------------------------------------------------------------------------------
 
 
-def remote_call(point: str, fn: Callable[..., list], timeout_s: float) -> Callable[..., list]:
+# The per-key outcome a "partial" fault reports for the keys it fails: the remote contract's
+# ``FAILED`` (kvtier.storage.remote.base), which passes its own. Kept here, not imported, so
+# that this module never imports remote code (remote/base.py imports this one).
+REMOTE_FAILED = -4
+
+
+def remote_call(point: str, fn: Callable[..., list], timeout_s: float, *,
+                failed: int = REMOTE_FAILED) -> Callable[..., list]:
     """Wrap a backend's store call (``_store``/``_fetch``: ``fn(names, views)``) so that the
-    armed remote.put/remote.get fault applies when it runs on the backend's call thread."""
+    armed remote.put/remote.get fault applies when it runs on the backend's call thread.
+    ``failed``: the per-key outcome of a key a "partial" fault fails."""
 
     def call(names: list[str], views: list) -> list:
         rule = _pick(point)
@@ -271,13 +282,11 @@ def remote_call(point: str, fn: Callable[..., list], timeout_s: float) -> Callab
         if not result:
             return result
         if kind == "partial":
-            from kvtier.storage.remote.base import FAILED
-
             # Fail some keys, never all (a whole-batch failure is "error").
             victims = rule._rng.sample(range(len(result)), max(1, len(result) // 2))
             if len(result) == 1 or len(victims) < len(result):
                 for idx in victims:
-                    result[idx] = FAILED
+                    result[idx] = failed
             return result
         idx = rule._rng.randrange(len(result))  # "corrupt"
         entry = result[idx]

@@ -286,7 +286,7 @@ class RemoteBackend(abc.ABC):
         names = [remote_key(self.namespace, key) for key in keys]
         store = self._store
         if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
-            store = faults.remote_call("remote.put", store, self.timeout_s)
+            store = faults.remote_call("remote.put", store, self.timeout_s, failed=FAILED)
         codes = self._run_batch(store, num, names, views)
         ok = [code >= 0 for code in codes]
         stored_bytes = sum(view.nbytes for view, good in zip(views, ok) if good)
@@ -309,7 +309,7 @@ class RemoteBackend(abc.ABC):
         names = [remote_key(self.namespace, key) for key in keys]
         fetch = self._fetch
         if faults.active:  # FAULT HOOK: tests only, see storage/faults.py
-            fetch = faults.remote_call("remote.get", fetch, self.timeout_s)
+            fetch = faults.remote_call("remote.get", fetch, self.timeout_s, failed=FAILED)
         fetched = self._run_batch(fetch, num, names, views)
         ok = [False] * num
         corrupt: list[str] = []

@@ -74,8 +74,10 @@ class RedisBackend(RemoteBackend):
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
-                # OOM under maxmemory with noeviction is "full", anything else a failure.
-                out.append(FULL if "OOM" in str(reply) else FAILED)
+                # OOM under maxmemory with noeviction is "full", anything else a failure. The
+                # client maps the server's OOM error code to its own exception class.
+                full = isinstance(reply, redis.exceptions.OutOfMemoryError)
+                out.append(FULL if full else FAILED)
             else:
                 out.append(0)  # True: written now; None: already held (first write wins)
         return out
