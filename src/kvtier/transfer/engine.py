@@ -21,10 +21,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from typing_extensions import Self
 
 from kvtier.errors import TransferError
 from kvtier.layout import DeviceKV
@@ -34,6 +33,9 @@ from kvtier.storage.host import HostArena
 from kvtier.tiers import Tier
 from kvtier.transfer.copy import BlockCopier
 from kvtier.transfer.executors import DeviceToHost, DiskToHost, HostToDevice, HostToDisk, Pending
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
