@@ -6,7 +6,8 @@ Engine-neutral and free of torch and I/O. An engine adapter calls, per request a
   begin_onboard() the engine reserved device blocks for them: plan the load, pin the sources
   progress()      the step computes tokens: plan offloads of blocks that become full
   take_plan()     this step's StepPlan, for the workers
-  on_report()     a WorkerReport came back: register stored blocks, release pins, learn rates
+  on_reports()    the ranks' WorkerReports came back: once every rank has reported an
+                  operation, register stored blocks, release pins, learn rates
   finish()        the request is done; True while a load still writes its device blocks
 
 Slots of the G2/G3 pools are the slots of the workers' host arena and disk file. A block is
@@ -20,12 +21,22 @@ request's prefix runs out of local blocks it asks the workers to probe the rest
 (``StepPlan.remote_probes``), answering "ask again" to the engine until the answer arrives or a
 short deadline passes. G4 blocks onboard through G2 staging slots; blocks admitted to G4 are put
 from G2 after their store is confirmed.
+
+Several ranks (tensor and pipeline parallel) execute every plan, each on its own shard of the
+bytes, and finish each transfer in their own time. Every planned transfer and probe is an
+``_Operation`` with an id; the leader commits it (registers blocks, releases pins, promotes,
+learns rates) only when every rank has reported it, and a failure on any rank fails it for
+all (vLLM's own aggregator does the same for the device side: a load is finished only when
+every rank reported it in ``get_finished``, and a block id with a load error on any rank is
+recomputed on all). A rank lagging its peers by more than ``op_deadline_s`` fails the
+operation; see ``_Operations`` for what a late report may still do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -37,7 +48,7 @@ from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
 from kvtier.offload.onboard import OnboardPolicy
 from kvtier.pools.block_pool import BlockPool
-from kvtier.protocol import NO_SLOT, LoadOp, LoadResult, StepPlan, TierLayout, WorkerReport
+from kvtier.protocol import NO_SLOT, LoadOp, StepPlan, TierLayout, WorkerReport
 from kvtier.storage.block_format import BlockKey
 from kvtier.tiers import Tier
 
@@ -56,6 +67,13 @@ _PROBE_WAIT_TIMEOUTS = 2.0
 _PROBE_WAIT_MARGIN_S = 0.5
 # Probe states of a request.
 _NOT_PROBED, _PROBING, _PROBED = 0, 1, 2
+# How long an operation waits for its last rank once another rank has reported it. Measured
+# in wall time, not engine steps: steps stop while the engine idles, and a step's length varies
+# a hundredfold. Ranks run the same transfers of equal size, so a rank this late is stalled
+# (or its report was lost); the remote tier bounds its own calls by remote_timeout_ms, so the
+# deadline is at least two of those.
+_RANK_LAG_S = 5.0
+_RANK_LAG_TIMEOUTS = 2.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,6 +96,7 @@ class _Request:
     probe_start: int = 0
     probe_present: int = 0
     probe_sent: float = 0.0
+    probe_op: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +104,102 @@ class _Load:
     op: LoadOp
     source_tiers: list[Tier | None]   # None: nothing to load (the block failed to pin)
     g3_refs: list[int]                # G3 blocks pinned while they are read
+    # Reported by any rank so far (a block is good only if it is good on every rank).
+    failed: set[int] = dataclasses.field(default_factory=set)
+    corrupt: set[int] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(slots=True)
+class _Store:          # G1 -> G2 (write-through)
+    g2_slot: int
+    key: BlockKey
+    to_disk: bool      # targets decided when planned (where G2 only stages)
+    to_remote: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _DiskWrite:      # G2 -> G3
+    g2_slot: int
+    g3_slot: int
+    key: BlockKey
+
+
+@dataclasses.dataclass(slots=True)
+class _RemotePut:      # G2 -> G4
+    g2_slot: int
+    key: BlockKey
+
+
+@dataclasses.dataclass(slots=True)
+class _Probe:          # G4 lookup of a request's blocks
+    req_id: str
+    num_present: int = 1 << 62   # the least any rank answered
+
+
+@dataclasses.dataclass(slots=True)
+class _Operation:
+    op_id: int
+    work: _Load | _Store | _DiskWrite | _RemotePut | _Probe
+    waiting: set[int]             # ranks that have not reported it yet
+    ok: bool = True               # no rank reported a failure (and no deadline passed)
+    deadline: float = math.inf    # set when the first rank reports
+    timed_out: bool = False
+
+
+class _Operations:
+    """The operations planned and not yet reported by every rank: the leader's one registry.
+
+    ``report()`` counts one rank's result and answers the operation once the last rank has
+    reported it; a report of an unknown or retired id, or a second one from the same rank, is
+    ignored. ``overdue()`` names operations whose last rank lags past the deadline: they fail
+    (nothing is committed from them), but every slot they pin stays pinned until each rank has
+    reported, since a late rank may still be reading or writing it (a disk write landing in a
+    G3 slot, a remote read landing in a G2 staging slot, a put reading a G2 slot). A rank that
+    never reports again keeps those few slots out of use for good (bounded by what was in
+    flight on it); it never makes a request wait. Probes pin nothing and retire at once."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._next_id = 1
+        self._ops: dict[int, _Operation] = {}
+
+    def start(self, work) -> int:
+        op_id = self._next_id
+        self._next_id += 1
+        self._ops[op_id] = _Operation(op_id, work, set(range(self.world_size)))
+        return op_id
+
+    def get(self, op_id: int) -> _Operation | None:
+        return self._ops.get(op_id)
+
+    def report(self, op_id: int, rank: int, ok: bool, now: float,
+               lag_s: float) -> _Operation | None:
+        op = self._ops.get(op_id)
+        if op is None or rank not in op.waiting:
+            return None
+        op.waiting.discard(rank)
+        op.ok = op.ok and ok
+        if op.deadline == math.inf:
+            op.deadline = now + lag_s
+        if op.waiting:
+            return None
+        del self._ops[op_id]
+        return op
+
+    def retire(self, op_id: int) -> None:
+        self._ops.pop(op_id, None)
+
+    def overdue(self, now: float) -> list[_Operation]:
+        late = [op for op in self._ops.values() if not op.timed_out and op.deadline < now]
+        for op in late:
+            op.timed_out, op.ok = True, False
+        return late
+
+    def count(self, kind: type) -> int:
+        return sum(1 for op in self._ops.values() if type(op.work) is kind)
+
+    def __len__(self) -> int:
+        return len(self._ops)
 
 
 def plan_tier_layout(config: KvtierConfig, block_bytes: int,
@@ -104,7 +219,9 @@ def plan_tier_layout(config: KvtierConfig, block_bytes: int,
 class Leader:
     def __init__(self, config: KvtierConfig, *, block_tokens: int, block_bytes: int,
                  max_blocks_per_request: int, metrics: KvtierMetrics | None = None,
-                 events: bool = False) -> None:
+                 events: bool = False, world_size: int = 1) -> None:
+        """``world_size``: the ranks that execute each plan and report it (vLLM: the
+        parallel config's world size, the count its own KV output aggregator waits for)."""
         self.config = config
         self.block_tokens = block_tokens
         self.block_bytes = block_bytes
@@ -126,39 +243,41 @@ class Leader:
         self.has_remote = config.has_remote and self.g2 is not None
 
         self._requests: dict[str, _Request] = {}
-        self._loads: dict[str, _Load] = {}
-        # G2 slot -> (key, to disk, to G4), for stores whose bytes are not confirmed yet
-        # (where G2 only stages, the targets are decided when the store is planned).
-        self._pending_stores: dict[int, tuple[BlockKey, bool, bool]] = {}
+        self._ops = _Operations(world_size)
+        self.op_deadline_s = max(_RANK_LAG_S, _RANK_LAG_TIMEOUTS * config.remote_timeout_ms / 1000)
+        # Request id -> operation id of its latest load.
+        self._load_ops: dict[str, int] = {}
+        # Keys with a store, a disk write or a remote put in flight.
         self._storing_keys: set[BlockKey] = set()
+        self._disk_writing_keys: set[BlockKey] = set()
+        self._remote_putting_keys: set[BlockKey] = set()
         # Keys being staged into G2 by loads (registered there when the load lands).
         self._staging_keys: set[BlockKey] = set()
-        # G3 slot -> (G2 slot it is written from, key).
-        self._pending_disk_writes: dict[int, tuple[int, BlockKey]] = {}
-        self._disk_writing_keys: set[BlockKey] = set()
         # G2 slot -> extra holders sharing one pool reference (a disk write and a remote put
         # of the same slot).
         self._g2_shares: dict[int, int] = {}
-        # G2 slot -> key of a G2 -> G4 put in flight.
-        self._pending_remote_puts: dict[int, BlockKey] = {}
-        self._remote_putting_keys: set[BlockKey] = set()
         # Keys G4 is known to hold, oldest first (bounded).
         self._remote_keys: OrderedDict[BlockKey, None] = OrderedDict()
         self._remote_healthy = True
-        # G2 staging slots a timed-out remote read may still write into; freed when the
-        # workers report them released.
-        self._held_staging: set[int] = set()
+        self._rank_healthy: dict[int, bool] = {}
+        # G2 staging slot -> ranks whose timed-out remote read may still write into it; the
+        # slot is freed when its load is committed and every one of them released it.
+        self._held_staging: dict[int, set[int]] = {}
+        self._parked_staging: set[int] = set()   # committed, waiting for those releases
         self._probe_wait_s = (_PROBE_WAIT_TIMEOUTS * config.remote_timeout_ms / 1000
                               + _PROBE_WAIT_MARGIN_S)
         if self.has_remote:
             self.metrics.remote_healthy.set(1)
         self._probe_timeout_logged = False
+        self._rank_lag_logged = False
         self._unkeyable_logged: set[str] = set()
         self._plan = StepPlan(layout=self.layout)
         self._step_started = 0.0
         self._step_prefill_tokens = 0
-        # With a disk tier, the workers report what a previous run left there first.
+        # With a disk tier, the workers report what a previous run left there first (every
+        # rank its own disk index; the leader keeps what all of them hold).
         self._recovered = self.g3 is None
+        self._recovered_by_rank: dict[int, list[tuple[int, BlockKey]]] = {}
         self._match_waits = 0
 
     # -- requests -----------------------------------------------------------------------
@@ -225,6 +344,7 @@ class Leader:
         op = LoadOp(req_id, list(device_block_ids[start:start + num_blocks]), [], [], [],
                     sync=req is not None and req.match_sync)
         load = _Load(op, [], [])
+        op.op_id = self._ops.start(load)
         for i in range(num_blocks):
             if i < len(tiers):
                 key = req.hashes[start + i]
@@ -238,7 +358,7 @@ class Leader:
             if tier is not None and tier is not Tier.G2:
                 self._staging_keys.add(key)  # on the host once the load lands: no store
         self._plan.loads.append(op)
-        self._loads[req_id] = load
+        self._load_ops[req_id] = op.op_id
 
     def progress(self, req_id: str, token_ids: Sequence[int], num_valid_tokens: int,
                  device_block_ids: Sequence[int], priority: int = 100) -> None:
@@ -272,7 +392,7 @@ class Leader:
 
     def onboard_split(self, req_id: str) -> dict[Tier, int]:
         """Tokens of the request's current load, by the tier they come from."""
-        load = self._loads.get(req_id)
+        load = self._load_of(req_id)
         split: dict[Tier, int] = {}
         for tier in load.source_tiers if load is not None else ():
             if tier is not None:
@@ -282,7 +402,7 @@ class Leader:
     def finish(self, req_id: str) -> bool:
         """The request ended. True: keep its device blocks until its load is reported done."""
         self._requests.pop(req_id, None)
-        load = self._loads.get(req_id)
+        load = self._load_of(req_id)
         # A synchronous load ran before the step's forward pass: nothing writes the blocks.
         return load is not None and not load.op.sync
 
@@ -293,54 +413,128 @@ class Leader:
 
     def take_plan(self) -> StepPlan:
         plan, self._plan = self._plan, StepPlan()
-        self.metrics.queue_depth.labels("store").set(len(self._pending_stores))
-        self.metrics.queue_depth.labels("disk_write").set(len(self._pending_disk_writes))
-        self.metrics.queue_depth.labels("load").set(len(self._loads))
+        ops = self._ops
+        self.metrics.queue_depth.labels("store").set(ops.count(_Store))
+        self.metrics.queue_depth.labels("disk_write").set(ops.count(_DiskWrite))
+        self.metrics.queue_depth.labels("load").set(ops.count(_Load))
         if self.has_remote:
-            self.metrics.queue_depth.labels("remote_put").set(len(self._pending_remote_puts))
+            self.metrics.queue_depth.labels("remote_put").set(ops.count(_RemotePut))
         return plan
 
     def on_report(self, report: WorkerReport) -> None:
+        """One rank's report (a single-rank engine's whole step)."""
+        self.on_reports([report])
+
+    def on_reports(self, reports: Sequence[WorkerReport]) -> None:
+        """What the ranks reported this step: any number of them, each for itself."""
+        now = time.perf_counter()
         if self._step_started:
-            self.onboard.observe_step(self._step_prefill_tokens,
-                                      time.perf_counter() - self._step_started)
+            self.onboard.observe_step(self._step_prefill_tokens, now - self._step_started)
             self._step_started = 0.0
+        for report in reports:
+            self._take_report(report, now)
+        for op in self._ops.overdue(now):
+            self._time_out(op)
+        for pool in (self.g2, self.g3):
+            if pool is not None:
+                self.metrics.tier_blocks.labels(pool.tier.name).set(pool.num_inactive
+                                                                    + pool.num_active)
+
+    def _take_report(self, report: WorkerReport, now: float) -> None:
+        rank = report.rank
+        if not 0 <= rank < self._ops.world_size:
+            logger.error("kvtier: report of rank %d ignored: the leader expects ranks 0..%d",
+                         rank, self._ops.world_size - 1)
+            return
         if report.recovered is not None:
-            self._restore_disk_index(report.recovered)
+            self._recovered_by_rank[rank] = report.recovered
+            if len(self._recovered_by_rank) == self._ops.world_size:
+                # Keep only what every rank recovered.
+                parts = iter(self._recovered_by_rank.values())
+                common = set(next(parts)).intersection(*parts)
+                self._restore_disk_index(sorted(common))
         if report.remote_healthy is not None:
-            self._set_remote_health(report.remote_healthy)
+            self._rank_healthy[rank] = report.remote_healthy
+            self._set_remote_health(all(self._rank_healthy.values()))
         if report.remote_stats and self.has_remote:
             self.metrics.record_remote_events(report.remote_stats)
-        for req_id, num in report.remote_present.items():
-            self._probe_answered(req_id, num)
-        for slot in report.stores_ok:
-            self._store_done(slot, ok=True)
-        for slot in report.stores_failed:
-            self._store_done(slot, ok=False)
-        for slot in report.disk_writes_ok:
-            self._disk_write_done(slot, ok=True)
-        for slot in report.disk_writes_failed:
-            self._disk_write_done(slot, ok=False)
-        for slot in report.remote_puts_ok:
-            self._remote_put_done(slot, ok=True)
-        for slot in report.remote_puts_failed:
-            self._remote_put_done(slot, ok=False)
+        lag_s = self.op_deadline_s
+        for op_id, num in report.remote_present.items():
+            op = self._ops.get(op_id)
+            if op is None or rank not in op.waiting or not isinstance(op.work, _Probe):
+                continue   # retired (answered, or past its deadline), or a repeat
+            op.work.num_present = min(op.work.num_present, num)
+            self._commit(self._ops.report(op_id, rank, True, now, lag_s))
+        for op_id in report.ops_ok:
+            self._commit(self._ops.report(op_id, rank, True, now, lag_s))
+        for op_id in report.ops_failed:
+            self._commit(self._ops.report(op_id, rank, False, now, lag_s))
         for result in report.loads:
-            self._load_done(result)
+            op = self._ops.get(result.op_id)
+            if op is None or rank not in op.waiting or not isinstance(op.work, _Load):
+                continue   # retired, or this rank's result counted already
+            load = op.work
+            load.failed.update(result.failed_idx)
+            load.corrupt.update(result.corrupt_idx)
+            for i in result.held_idx:
+                self._held_staging.setdefault(load.op.g2_slots[i], set()).add(rank)
+            self._commit(self._ops.report(result.op_id, rank, not result.failed_idx, now,
+                                          lag_s))
         for slot in report.staging_released:
-            if slot in self._held_staging:
-                self._held_staging.discard(slot)
-                self.g2.release([slot])
+            holders = self._held_staging.get(slot)
+            if holders is None or rank not in holders:
+                continue
+            holders.discard(rank)
+            if not holders:
+                del self._held_staging[slot]
+                if slot in self._parked_staging:
+                    self._parked_staging.discard(slot)
+                    self.g2.release([slot])
         for direction, timing in report.timings.items():
             tier = _DIRECTION_TIER.get(direction)
             if tier is not None:
                 self.onboard.observe_transfer(tier, timing.num_bytes, timing.seconds)
             self.metrics.record_transfer(direction, timing.num_bytes // max(self.block_bytes, 1),
                                          timing.num_bytes, timing.seconds)
-        for pool in (self.g2, self.g3):
-            if pool is not None:
-                self.metrics.tier_blocks.labels(pool.tier.name).set(pool.num_inactive
-                                                                    + pool.num_active)
+
+    def _commit(self, op: _Operation | None) -> None:
+        """Every rank has reported ``op``: apply its outcome (a failure if any rank failed
+        it or it ran past its deadline)."""
+        if op is None:
+            return
+        work = op.work
+        if isinstance(work, _Load):
+            self._load_done(work, op.timed_out)
+        elif isinstance(work, _Store):
+            self._store_done(work, op.ok, op.timed_out)
+        elif isinstance(work, _DiskWrite):
+            self._disk_write_done(work, op.ok, op.timed_out)
+        elif isinstance(work, _RemotePut):
+            self._remote_put_done(work, op.ok, op.timed_out)
+        else:
+            self._probe_answered(op.op_id, work.req_id, work.num_present)
+
+    def _time_out(self, op: _Operation) -> None:
+        """A rank lags ``op`` past the deadline: it has failed. Its keys may be planned again
+        at once; its slots stay pinned until the late ranks report (``_Operations``)."""
+        work = op.work
+        log = logger.debug if self._rank_lag_logged else logger.warning
+        self._rank_lag_logged = True
+        log("kvtier: rank(s) %s did not report operation %d (%s) within %.1f s of the other "
+            "ranks; it counts as failed (further cases are logged at debug level)",
+            sorted(op.waiting), op.op_id, type(work).__name__.lstrip("_"), self.op_deadline_s)
+        if isinstance(work, _Load):
+            work.failed.update(range(len(work.op.keys)))
+            self._unstage(work)
+        elif isinstance(work, _Store):
+            self._storing_keys.discard(work.key)
+        elif isinstance(work, _DiskWrite):
+            self._disk_writing_keys.discard(work.key)
+        elif isinstance(work, _RemotePut):
+            self._remote_putting_keys.discard(work.key)
+        else:
+            self._ops.retire(op.op_id)
+            self._probe_answered(op.op_id, work.req_id, 0)
 
     def reset(self) -> None:
         """Forget every cached block (blocks pinned by transfers go when those end). The
@@ -356,8 +550,7 @@ class Leader:
     @property
     def busy(self) -> bool:
         """Transfers are still in flight (or staging slots wait for a stalled store)."""
-        return bool(self._pending_stores or self._pending_disk_writes or self._loads
-                    or self._pending_remote_puts or self._held_staging)
+        return bool(len(self._ops) or self._held_staging or self._parked_staging)
 
     def remote_holds(self, key: BlockKey) -> bool:
         """Whether this leader believes G4 holds ``key`` (a hint, for tests and tools)."""
@@ -427,7 +620,8 @@ class Leader:
         now = time.perf_counter()
         if req.probe_state == _NOT_PROBED:
             req.probe_state, req.probe_start, req.probe_sent = _PROBING, first, now
-            self._plan.remote_probes[req.req_id] = req.hashes[first:limit]
+            req.probe_op = self._ops.start(_Probe(req.req_id))
+            self._plan.remote_probes[req.probe_op] = req.hashes[first:limit]
             return True
         if now - req.probe_sent < self._probe_wait_s:
             return True
@@ -439,11 +633,12 @@ class Leader:
             now - req.probe_sent)
         self.metrics.remote_events.labels("probe_timeouts").inc()
         req.probe_state, req.probe_present = _PROBED, 0
+        self._ops.retire(req.probe_op)   # a late answer is ignored
         return False
 
-    def _probe_answered(self, req_id: str, num_present: int) -> None:
+    def _probe_answered(self, op_id: int, req_id: str, num_present: int) -> None:
         req = self._requests.get(req_id)
-        if req is None or req.probe_state != _PROBING:
+        if req is None or req.probe_state != _PROBING or req.probe_op != op_id:
             return
         req.probe_state, req.probe_present = _PROBED, max(num_present, 0)
         for key in req.hashes[req.probe_start:req.probe_start + req.probe_present]:
@@ -538,8 +733,8 @@ class Leader:
         if not slots:
             self.metrics.dropped_offloads.labels("G2").inc()
             return
-        self._plan.stores.add(device_block_id, slots[0], key)
-        self._pending_stores[slots[0]] = (key, to_disk, to_remote)
+        op_id = self._ops.start(_Store(slots[0], key, to_disk, to_remote))
+        self._plan.stores.add(device_block_id, slots[0], key, op_id)
         self._storing_keys.add(key)
 
     def _wants_disk(self, key: BlockKey) -> bool:
@@ -588,50 +783,47 @@ class Leader:
             self.metrics.dropped_offloads.labels("G3").inc()
             self._release_shared(g2_slot)
             return
-        self._plan.disk_writes.add(g2_slot, slots[0], key)
-        self._pending_disk_writes[slots[0]] = (g2_slot, key)
+        op_id = self._ops.start(_DiskWrite(g2_slot, slots[0], key))
+        self._plan.disk_writes.add(g2_slot, slots[0], key, op_id)
         self._disk_writing_keys.add(key)
 
     def _put_remote(self, g2_slot: int, key: BlockKey) -> None:
         """Plan G2 -> G4 of a pinned G2 block; the pin is released when the put ends."""
-        self._plan.remote_puts.add(g2_slot, key)
-        self._pending_remote_puts[g2_slot] = key
+        op_id = self._ops.start(_RemotePut(g2_slot, key))
+        self._plan.remote_puts.add(g2_slot, key, op_id)
         self._remote_putting_keys.add(key)
 
-    def _store_done(self, slot: int, ok: bool) -> None:
-        entry = self._pending_stores.pop(slot, None)
-        if entry is None:
-            return
-        key, to_disk, to_remote = entry
-        self._storing_keys.discard(key)
+    # Completions: every rank has reported the operation. ``timed_out``: its keys were
+    # handed back when the deadline passed (they may belong to a newer operation by now).
+    def _store_done(self, store: _Store, ok: bool, timed_out: bool) -> None:
+        slot, key = store.g2_slot, store.key
+        if not timed_out:
+            self._storing_keys.discard(key)
         if not ok:
             self.g2.release([slot])
             self.metrics.dropped_offloads.labels("G2").inc()
             return
         self.g2.complete([slot])
+        to_disk, to_remote = store.to_disk, store.to_remote
         if self.host_caches:
             slot = self.g2.register([slot], [key])[0]
             to_disk, to_remote = self._wants_disk(key), self._wants_remote(key)
         self._fan_out(slot, key, to_disk, to_remote)
 
-    def _remote_put_done(self, g2_slot: int, ok: bool) -> None:
-        key = self._pending_remote_puts.pop(g2_slot, None)
-        if key is None:
-            return
-        self._remote_putting_keys.discard(key)
-        self._release_shared(g2_slot)
+    def _remote_put_done(self, put: _RemotePut, ok: bool, timed_out: bool) -> None:
+        if not timed_out:
+            self._remote_putting_keys.discard(put.key)
+        self._release_shared(put.g2_slot)
         if ok:
-            self._remember_remote(key)
+            self._remember_remote(put.key)
         else:
             self.metrics.dropped_offloads.labels("G4").inc()
 
-    def _disk_write_done(self, g3_slot: int, ok: bool) -> None:
-        entry = self._pending_disk_writes.pop(g3_slot, None)
-        if entry is None:
-            return
-        g2_slot, key = entry
-        self._disk_writing_keys.discard(key)
-        self._release_shared(g2_slot)
+    def _disk_write_done(self, write: _DiskWrite, ok: bool, timed_out: bool) -> None:
+        g3_slot, key = write.g3_slot, write.key
+        if not timed_out:
+            self._disk_writing_keys.discard(key)
+        self._release_shared(write.g2_slot)
         if not ok:
             self.g3.release([g3_slot])
             self.metrics.dropped_offloads.labels("G3").inc()
@@ -640,17 +832,24 @@ class Leader:
         g3_slot = self.g3.register([g3_slot], [key])[0]
         self.g3.release([g3_slot])
 
-    def _load_done(self, result: LoadResult) -> None:
-        req_id = result.req_id
-        failed, corrupt = set(result.failed_idx), set(result.corrupt_idx)
-        held = set(result.held_idx)
-        load = self._loads.pop(req_id, None)
-        if load is None:
-            return
-        op = load.op
+    def _unstage(self, load: _Load) -> None:
         self._staging_keys.difference_update(
-            key for key, tier in zip(op.keys, load.source_tiers)
+            key for key, tier in zip(load.op.keys, load.source_tiers)
             if tier is not None and tier is not Tier.G2)
+
+    def _load_of(self, req_id: str) -> _Load | None:
+        """The request's latest load while some rank has not reported it."""
+        op = self._ops.get(self._load_ops.get(req_id, 0))
+        return op.work if op is not None else None
+
+    def _load_done(self, load: _Load, timed_out: bool) -> None:
+        op = load.op
+        req_id = op.req_id
+        failed, corrupt = load.failed, load.corrupt
+        if self._load_ops.get(req_id) == op.op_id:
+            del self._load_ops[req_id]
+        if not timed_out:
+            self._unstage(load)
         if load.g3_refs:
             self.g3.release(load.g3_refs)
         bad_g3: list[BlockKey] = []
@@ -673,8 +872,9 @@ class Leader:
                     block = req.match_start + i
                     req.probe_present = min(req.probe_present,
                                             max(block - req.probe_start, 0))
-                if i in held:
-                    self._held_staging.add(slot)  # released when no late write can land
+                if slot in self._held_staging:
+                    # Freed when every rank that holds it released it (no late write).
+                    self._parked_staging.add(slot)
                     continue
             # Staged from disk or G4: on success the host tier keeps it (promotion).
             if i not in failed and self.host_caches:

@@ -12,6 +12,13 @@ transfer goes through a G2 slot.
 Remote existence is asked, not known: the leader cannot see the shared store, so it names the
 keys it wants checked (``StepPlan.remote_probes``) and a worker answers how many leading keys the
 store holds (``WorkerReport.remote_present``).
+
+Every planned operation (a load, a store, a disk write, a remote put, a probe) carries an
+operation id, unique and increasing per leader. Each rank reports its own outcome of each
+operation by that id, in whichever step it finishes there; reports of several ranks are not
+merged into one but travel side by side (``WorkerReport.rank``), and the leader commits an
+operation only once every rank has reported it. Results are never keyed by slot: a slot is
+reused, an operation id never is.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class LoadOp:
     # Synchronous: done before this step's forward pass, which uses the blocks (never for G4
     # sources). Asynchronous loads finish between steps and are reported as received.
     sync: bool = False
+    op_id: int = 0
 
     def validate(self) -> None:
         n = len(self.device_block_ids)
@@ -60,42 +68,48 @@ class LoadOp:
 
 @dataclasses.dataclass(slots=True)
 class CopyOps:
-    """A batch of single-block copies between two tiers: ``src[i] -> dst[i]`` holding ``keys[i]``."""
+    """A batch of single-block copies between two tiers: ``src[i] -> dst[i]`` holding
+    ``keys[i]``, each its own operation ``op_ids[i]``."""
 
     src: list[int] = dataclasses.field(default_factory=list)
     dst: list[int] = dataclasses.field(default_factory=list)
     keys: list[BlockKey] = dataclasses.field(default_factory=list)
+    op_ids: list[int] = dataclasses.field(default_factory=list)
 
-    def add(self, src: int, dst: int, key: BlockKey) -> None:
+    def add(self, src: int, dst: int, key: BlockKey, op_id: int) -> None:
         self.src.append(src)
         self.dst.append(dst)
         self.keys.append(key)
+        self.op_ids.append(op_id)
 
     def __len__(self) -> int:
         return len(self.src)
 
     def validate(self, what: str) -> None:
-        if not len(self.src) == len(self.dst) == len(self.keys):
-            raise MetadataError(f"{what}: src, dst and keys differ in length")
+        if not len(self.src) == len(self.dst) == len(self.keys) == len(self.op_ids):
+            raise MetadataError(f"{what}: src, dst, keys and op_ids differ in length")
 
 
 @dataclasses.dataclass(slots=True)
 class SlotKeys:
-    """G2 slots and the block each holds: ``slots[i]`` holds ``keys[i]`` (G2 -> G4 puts)."""
+    """G2 slots and the block each holds: ``slots[i]`` holds ``keys[i]`` (G2 -> G4 puts), each
+    its own operation ``op_ids[i]``."""
 
     slots: list[int] = dataclasses.field(default_factory=list)
     keys: list[BlockKey] = dataclasses.field(default_factory=list)
+    op_ids: list[int] = dataclasses.field(default_factory=list)
 
-    def add(self, slot: int, key: BlockKey) -> None:
+    def add(self, slot: int, key: BlockKey, op_id: int) -> None:
         self.slots.append(slot)
         self.keys.append(key)
+        self.op_ids.append(op_id)
 
     def __len__(self) -> int:
         return len(self.slots)
 
     def validate(self, what: str) -> None:
-        if len(self.slots) != len(self.keys):
-            raise MetadataError(f"{what}: slots and keys differ in length")
+        if not len(self.slots) == len(self.keys) == len(self.op_ids):
+            raise MetadataError(f"{what}: slots, keys and op_ids differ in length")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,8 +134,8 @@ class StepPlan:
     disk_discards: list[int] = dataclasses.field(default_factory=list)
     # G2 -> G4 puts of blocks already in G2 (asynchronous; the store keeps the first write).
     remote_puts: SlotKeys = dataclasses.field(default_factory=SlotKeys)
-    # Request id -> keys to look up in G4 (answered in WorkerReport.remote_present).
-    remote_probes: dict[str, list[BlockKey]] = dataclasses.field(default_factory=dict)
+    # Probe operation id -> keys to look up in G4 (answered in WorkerReport.remote_present).
+    remote_probes: dict[int, list[BlockKey]] = dataclasses.field(default_factory=dict)
     layout: TierLayout | None = None
 
     def is_empty(self) -> bool:
@@ -138,6 +152,8 @@ class StepPlan:
 
 @dataclasses.dataclass(slots=True)
 class LoadResult:
+    """One rank's outcome of one LoadOp."""
+
     req_id: str
     # Indices (into the LoadOp's lists) of blocks that did not arrive intact.
     failed_idx: list[int]
@@ -148,6 +164,7 @@ class LoadResult:
     # into: the leader keeps those slots out of use until ``WorkerReport.staging_released``
     # names them.
     held_idx: list[int] = dataclasses.field(default_factory=list)
+    op_id: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -164,23 +181,23 @@ class TransferTiming:
 
 @dataclasses.dataclass(slots=True)
 class WorkerReport:
-    """What a worker finished since its last report (vLLM: the connector worker metadata)."""
+    """What one rank finished since its last report (vLLM: the connector worker metadata).
 
-    stores_ok: list[int] = dataclasses.field(default_factory=list)       # G2 slots
-    stores_failed: list[int] = dataclasses.field(default_factory=list)
-    disk_writes_ok: list[int] = dataclasses.field(default_factory=list)  # G3 slots
-    disk_writes_failed: list[int] = dataclasses.field(default_factory=list)
+    Per-operation results name the operation by id; the leader adds them up across ranks."""
+
+    rank: int = 0
+    # Stores, disk writes and remote puts that finished, by operation id.
+    ops_ok: list[int] = dataclasses.field(default_factory=list)
+    ops_failed: list[int] = dataclasses.field(default_factory=list)
     loads: list[LoadResult] = dataclasses.field(default_factory=list)
     # Direction name ("g1_to_g2", "g3_to_g2", ...) -> timing.
     timings: dict[str, TransferTiming] = dataclasses.field(default_factory=dict)
     # Disk index recovered at start-up: (G3 slot, key); sent once.
     recovered: list[tuple[int, BlockKey]] | None = None
-    # G2 -> G4 puts that finished, by G2 slot.
-    remote_puts_ok: list[int] = dataclasses.field(default_factory=list)
-    remote_puts_failed: list[int] = dataclasses.field(default_factory=list)
-    # Answers to StepPlan.remote_probes: request id -> leading keys the store holds.
-    remote_present: dict[str, int] = dataclasses.field(default_factory=dict)
-    # G2 staging slots of LoadResult.held_idx that no late remote write can touch any more.
+    # Answers to StepPlan.remote_probes: probe operation id -> leading keys the store holds.
+    remote_present: dict[int, int] = dataclasses.field(default_factory=dict)
+    # G2 staging slots of this rank's LoadResult.held_idx that no late remote write of this
+    # rank can touch any more.
     staging_released: list[int] = dataclasses.field(default_factory=list)
     # Whether the remote store answers; sent when it changes (None: no news).
     remote_healthy: bool | None = None
@@ -188,60 +205,7 @@ class WorkerReport:
     remote_stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.stores_ok or self.stores_failed or self.disk_writes_ok
-                    or self.disk_writes_failed or self.loads or self.timings
-                    or self.recovered is not None or self.remote_puts_ok
-                    or self.remote_puts_failed or self.remote_present
+        return not (self.ops_ok or self.ops_failed or self.loads or self.timings
+                    or self.recovered is not None or self.remote_present
                     or self.staging_released or self.remote_healthy is not None
                     or self.remote_stats)
-
-    def merge(self, other: WorkerReport) -> WorkerReport:
-        """Combine reports of several ranks: a block is good only if every rank has it."""
-        failed_stores = set(self.stores_failed) | set(other.stores_failed)
-        failed_writes = set(self.disk_writes_failed) | set(other.disk_writes_failed)
-        failed_puts = set(self.remote_puts_failed) | set(other.remote_puts_failed)
-        loads: dict[str, LoadResult] = {r.req_id: r for r in self.loads}
-        for r in other.loads:
-            mine = loads.get(r.req_id)
-            if mine is None:
-                loads[r.req_id] = r
-            else:
-                loads[r.req_id] = LoadResult(
-                    r.req_id, sorted(set(mine.failed_idx) | set(r.failed_idx)),
-                    sorted(set(mine.corrupt_idx) | set(r.corrupt_idx)),
-                    sorted(set(mine.held_idx) | set(r.held_idx)))
-        timings = dict(self.timings)
-        for name, t in other.timings.items():
-            timings.setdefault(name, TransferTiming()).add(t.num_bytes, t.seconds)
-        recovered = self.recovered
-        if other.recovered is not None:
-            # Keep only what every rank recovered.
-            recovered = (other.recovered if recovered is None
-                         else sorted(set(recovered) & set(other.recovered)))
-        # A key is present only if every rank's store holds it.
-        present = dict(self.remote_present)
-        for req_id, num in other.remote_present.items():
-            present[req_id] = min(num, present.get(req_id, num))
-        healthy = self.remote_healthy
-        if other.remote_healthy is not None:
-            healthy = other.remote_healthy if healthy is None else healthy and other.remote_healthy
-        stats = dict(self.remote_stats)
-        for name, value in other.remote_stats.items():
-            stats[name] = stats.get(name, 0) + value
-        return WorkerReport(
-            stores_ok=sorted((set(self.stores_ok) | set(other.stores_ok)) - failed_stores),
-            stores_failed=sorted(failed_stores),
-            disk_writes_ok=sorted((set(self.disk_writes_ok) | set(other.disk_writes_ok))
-                                  - failed_writes),
-            disk_writes_failed=sorted(failed_writes),
-            loads=list(loads.values()),
-            timings=timings,
-            recovered=recovered,
-            remote_puts_ok=sorted((set(self.remote_puts_ok) | set(other.remote_puts_ok))
-                                  - failed_puts),
-            remote_puts_failed=sorted(failed_puts),
-            remote_present=present,
-            staging_released=sorted(set(self.staging_released) | set(other.staging_released)),
-            remote_healthy=healthy,
-            remote_stats=stats,
-        )

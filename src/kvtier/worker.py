@@ -90,10 +90,11 @@ class Worker:
         self.remote: RetryingBackend | None = None
         self.engine: TransferEngine | None = None
         self._prober: RemoteProber | None = None
-        self._report = WorkerReport()
+        self._report = WorkerReport(rank=rank)
         self._pending_loads: list[_PendingLoad] = []
-        self._pending_writes: dict[int, tuple[list[int], float]] = {}  # transfer id -> G3 slots
-        self._pending_puts: dict[int, tuple[list[int], float]] = {}    # transfer id -> G2 slots
+        # Transfer id -> (operation ids of its blocks, start time).
+        self._pending_writes: dict[int, tuple[list[int], float]] = {}
+        self._pending_puts: dict[int, tuple[list[int], float]] = {}
         # G2 staging slots a timed-out remote read may still write into.
         self._held_slots: list[int] = []
         self._remote_healthy: bool | None = None
@@ -165,11 +166,11 @@ class Worker:
         # A malformed plan is a broken contract between the halves: refuse it whole rather
         # than load some blocks and leave others unreported.
         plan.validate()
-        for req_id, keys in plan.remote_probes.items():
+        for op_id, keys in plan.remote_probes.items():
             if self._prober is None:
-                self._report.remote_present[req_id] = 0
+                self._report.remote_present[op_id] = 0
             else:
-                self._prober.probe(req_id, keys)
+                self._prober.probe(op_id, keys)
         for op in plan.loads:
             load = _PendingLoad(op, {}, time.perf_counter())
             disk_idx = [i for i, s in enumerate(op.g3_slots) if s != NO_SLOT]
@@ -215,10 +216,10 @@ class Worker:
                                         keys=stores.keys, fingerprint=self._fingerprint)
                 else:
                     copy_device_to_host(self.device, stores.src, self.arena, stores.dst)
-                self._report.stores_ok.extend(stores.dst)
+                self._report.ops_ok.extend(stores.op_ids)
             except Exception:  # a failed copy is a dropped offload, never a failed step
                 logger.exception("kvtier: offload of %d blocks to host failed", len(stores))
-                self._report.stores_failed.extend(stores.dst)
+                self._report.ops_failed.extend(stores.op_ids)
             self._time("g1_to_g2", len(stores), started)
         if plan.disk_discards and self.disk is not None:
             self.disk.invalidate(plan.disk_discards)
@@ -226,16 +227,16 @@ class Worker:
         if len(writes):
             request = TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, list(writes.src),
                                       list(writes.dst), list(writes.keys))
-            self._pending_writes[self.engine.submit(request)] = (list(writes.dst),
+            self._pending_writes[self.engine.submit(request)] = (list(writes.op_ids),
                                                                  time.perf_counter())
         puts = plan.remote_puts
         if len(puts):
             if self.remote is None:
-                self._report.remote_puts_failed.extend(puts.slots)
+                self._report.ops_failed.extend(puts.op_ids)
             else:
                 request = TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G4,
                                           list(puts.slots), list(puts.slots), list(puts.keys))
-                self._pending_puts[self.engine.submit(request)] = (list(puts.slots),
+                self._pending_puts[self.engine.submit(request)] = (list(puts.op_ids),
                                                                    time.perf_counter())
 
     def poll(self) -> None:
@@ -254,21 +255,15 @@ class Worker:
 
     def _collect(self, done: dict) -> None:
         for transfer_id, result in done.items():
-            entry = self._pending_writes.pop(transfer_id, None)
-            if entry is not None:
-                slots, started = entry
-                for slot, ok in zip(slots, result.ok):
-                    (self._report.disk_writes_ok if ok
-                     else self._report.disk_writes_failed).append(slot)
-                self._time("g2_to_g3", sum(result.ok), started)
-                continue
-            entry = self._pending_puts.pop(transfer_id, None)
-            if entry is not None:
-                slots, started = entry
-                for slot, ok in zip(slots, result.ok):
-                    (self._report.remote_puts_ok if ok
-                     else self._report.remote_puts_failed).append(slot)
-                self._time("g2_to_g4", sum(result.ok), started)
+            for pending, direction in ((self._pending_writes, "g2_to_g3"),
+                                       (self._pending_puts, "g2_to_g4")):
+                entry = pending.pop(transfer_id, None)
+                if entry is not None:
+                    op_ids, started = entry
+                    for op_id, ok in zip(op_ids, result.ok):
+                        (self._report.ops_ok if ok else self._report.ops_failed).append(op_id)
+                    self._time(direction, sum(result.ok), started)
+                    break
         still_pending = []
         for load in self._pending_loads:
             for transfer_id in [t for t in load.parts if t in done]:
@@ -291,8 +286,8 @@ class Worker:
         self._pending_loads = still_pending
 
     def _poll_remote(self) -> None:
-        for req_id, num in self._prober.take_answers():
-            self._report.remote_present[req_id] = num
+        for op_id, num in self._prober.take_answers():
+            self._report.remote_present[op_id] = num
         self._note_remote_health()
         stats = self.remote.stats
         last = self._remote_stats
@@ -320,7 +315,7 @@ class Worker:
     def take_report(self) -> WorkerReport | None:
         if self._report.is_empty():
             return None
-        report, self._report = self._report, WorkerReport()
+        report, self._report = self._report, WorkerReport(rank=self.rank)
         return report
 
     @property
@@ -382,7 +377,8 @@ class Worker:
         self._load_errors.update(op.device_block_ids[i] for i in failed)
         held = sorted(load.held)
         self._held_slots.extend(op.g2_slots[i] for i in held)
-        self._report.loads.append(LoadResult(op.req_id, sorted(failed), sorted(corrupt), held))
+        self._report.loads.append(LoadResult(op.req_id, sorted(failed), sorted(corrupt), held,
+                                             op_id=op.op_id))
         if not op.sync:
             # vLLM waits for asynchronous loads only; a synchronous one is not "received".
             self._finished_loads.add(op.req_id)

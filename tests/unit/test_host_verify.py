@@ -53,10 +53,10 @@ def make_worker(kv, **extra) -> Worker:
 def store(worker: Worker, blocks: list[int], slots: list[int], keys: list[int]) -> None:
     plan = StepPlan()
     for block, slot, key in zip(blocks, slots, keys):
-        plan.stores.add(block, slot, key)
+        plan.stores.add(block, slot, key, op_id=slot + 1)
     worker.save(plan)
     report = worker.take_report()
-    assert report.stores_ok == slots and not report.stores_failed
+    assert report.ops_ok == [s + 1 for s in slots] and not report.ops_failed
 
 
 def load(worker: Worker, blocks: list[int], slots: list[int], keys: list[int]):

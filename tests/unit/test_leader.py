@@ -16,7 +16,7 @@ def make(**kw) -> Leader:
 
 
 def confirm_stores(leader: Leader, plan) -> None:
-    leader.on_report(WorkerReport(stores_ok=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
 
 
 def offload(leader: Leader, req_id: str, tokens: list[int]) -> None:
@@ -44,7 +44,7 @@ def test_failed_store_frees_the_slot_and_is_counted():
     leader.match("a", tokens, 0)
     leader.progress("a", tokens, len(tokens), [1, 2])
     plan = leader.take_plan()
-    leader.on_report(WorkerReport(stores_failed=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_failed=list(plan.stores.op_ids)))
     assert leader.g2.num_free == 8
     assert leader.metrics.value("kvtier_dropped_offloads", tier="G2") == 2
 
@@ -71,7 +71,7 @@ def test_load_pins_sources_until_reported_and_never_matches_whole_prompt():
     assert leader.g2.num_active == 3
     assert leader.is_async_load("b")
     assert leader.finish("b") is True, "a load in flight keeps the device blocks"
-    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [])]))
+    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [], op_id=op.op_id)]))
     assert leader.g2.num_active == 0 and not leader.busy
 
 
@@ -96,7 +96,7 @@ def test_disk_admission_frequency_filter_needs_a_second_offer(tmp_path):
     leader.progress("b", tokens, len(tokens), [1, 2])  # offered again: now admitted
     plan = leader.take_plan()
     assert len(plan.disk_writes) == 2
-    leader.on_report(WorkerReport(disk_writes_ok=list(plan.disk_writes.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.disk_writes.op_ids)))
     assert leader.g3.num_registered == 2 and leader.g2.num_active == 0
 
 
@@ -109,13 +109,13 @@ def test_corrupt_disk_block_is_discarded_and_its_slot_dropped_from_the_index(tmp
     plan = leader.take_plan()
     confirm_stores(leader, plan)
     writes = leader.take_plan().disk_writes
-    leader.on_report(WorkerReport(disk_writes_ok=list(writes.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(writes.op_ids)))
     leader.finish("a")
     assert leader.match("b", tokens + [9], 0) == 3 * BT
     leader.begin_onboard("b", [4, 5, 6], 3 * BT)
     (op,) = leader.take_plan().loads
     assert all(s != NO_SLOT for s in op.g3_slots)
-    leader.on_report(WorkerReport(loads=[LoadResult("b", [1], [1])]))
+    leader.on_report(WorkerReport(loads=[LoadResult("b", [1], [1], op_id=op.op_id)]))
     assert leader.metrics.value("kvtier_checksum_failures") == 1
     assert leader.g3.num_registered == 2
     assert leader.take_plan().disk_discards == [op.g3_slots[1]]
@@ -153,7 +153,7 @@ def test_small_loads_run_inside_the_step_and_hold_nothing():
     (op,) = leader.take_plan().loads
     assert op.sync
     assert leader.finish("b") is False, "a synchronous load is done before the step ends"
-    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [])]))
+    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [], op_id=op.op_id)]))
     assert leader.g2.num_active == 0 and not leader.busy
 
 

@@ -32,7 +32,7 @@ def offload(leader: Leader, req_id: str, keys: RequestKeys) -> int:
     assert leader.match(req_id, TOKENS, 0, keys=keys) is not None
     leader.progress(req_id, TOKENS, len(TOKENS), list(range(100, 100 + NUM_FULL)))
     plan = leader.take_plan()
-    leader.on_report(WorkerReport(stores_ok=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
     leader.finish(req_id)
     return len(plan.stores)
 

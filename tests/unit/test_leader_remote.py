@@ -29,8 +29,8 @@ def probe(leader: Leader, req_id: str, tokens: list[int], num_present: int) -> l
     """match() asks for a probe; the workers answer ``num_present``. Returns the keys asked."""
     assert leader.match(req_id, tokens, 0) is None, "the store must be asked first"
     plan = leader.take_plan()
-    keys = plan.remote_probes[req_id]
-    leader.on_report(WorkerReport(remote_present={req_id: num_present}))
+    ((op_id, keys),) = plan.remote_probes.items()
+    leader.on_report(WorkerReport(remote_present={op_id: num_present}))
     return keys
 
 
@@ -48,7 +48,7 @@ def test_probe_then_match_and_onboard_through_staging():
     assert op.g3_slots == [NO_SLOT] * 3 and NO_SLOT not in op.g2_slots
     op.validate()
     assert leader.g2.num_active == 3, "staging slots are pinned while the read runs"
-    leader.on_report(WorkerReport(loads=[LoadResult("r", [], [])]))
+    leader.on_report(WorkerReport(loads=[LoadResult("r", [], [], op_id=op.op_id)]))
     assert leader.g2.num_active == 0 and not leader.busy
     assert leader.metrics.value("kvtier_matched_tokens", tier="G4") == 3 * BT
     # Without a host cache, staging slots cache nothing.
@@ -61,8 +61,8 @@ def test_remote_hits_are_promoted_into_the_host_tier_and_not_probed_again():
     probe(leader, "r", tokens, 4)
     assert leader.match("r", tokens, 0) == 4 * BT
     leader.begin_onboard("r", [1, 2, 3, 4, 5], 4 * BT)
-    leader.take_plan()
-    leader.on_report(WorkerReport(loads=[LoadResult("r", [], [])]))
+    (op,) = leader.take_plan().loads
+    leader.on_report(WorkerReport(loads=[LoadResult("r", [], [], op_id=op.op_id)]))
     leader.finish("r")
     assert leader.g2.num_registered == 4
     assert leader.match("s", tokens, 0) == 4 * BT, "on the host now: no probe"
@@ -77,8 +77,8 @@ def test_known_keys_match_without_a_probe_and_failed_reads_forget_them():
     assert leader.match("s", tokens, 0) == 3 * BT, "keys learnt from an earlier probe"
     assert not leader.take_plan().remote_probes
     leader.begin_onboard("s", [1, 2, 3, 4], 3 * BT)
-    leader.take_plan()
-    leader.on_report(WorkerReport(loads=[LoadResult("s", [1, 2], [])]))
+    (op,) = leader.take_plan().loads
+    leader.on_report(WorkerReport(loads=[LoadResult("s", [1, 2], [], op_id=op.op_id)]))
     keys = keys_of(leader, tokens)
     assert leader.remote_holds(keys[0])
     assert not leader.remote_holds(keys[1]) and not leader.remote_holds(keys[2])
@@ -91,13 +91,13 @@ def test_unanswered_probe_matches_without_the_store_after_a_deadline():
     leader = make(remote_timeout_ms=1)
     tokens = tokens_of(3)
     assert leader.match("r", tokens, 0) is None
-    assert leader.take_plan().remote_probes
+    (op_id,) = leader.take_plan().remote_probes
     assert leader.match("r", tokens, 0) is None, "still waiting for the answer"
     time.sleep(0.6)  # past 2 x timeout + 0.5 s
     assert leader.match("r", tokens, 0) == 0
     assert leader.metrics.value("kvtier_remote_events", event="probe_timeouts") == 1
     # A late answer changes nothing.
-    leader.on_report(WorkerReport(remote_present={"r": 3}))
+    leader.on_report(WorkerReport(remote_present={op_id: 3}))
     assert leader.match("r", tokens, 0) == 0
 
 
@@ -111,7 +111,7 @@ def test_unhealthy_store_is_neither_probed_nor_written():
     assert leader.metrics.value("kvtier_remote_healthy") == 0
     leader.progress("r", tokens, len(tokens), [1, 2, 3])
     plan = leader.take_plan()
-    leader.on_report(WorkerReport(stores_ok=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
     assert len(leader.take_plan().remote_puts) == 0
     assert leader.metrics.value("kvtier_dropped_offloads", tier="G4") == 3
     assert leader.match("s", tokens + [1] * BT, 0) == 3 * BT, "no probe while down"
@@ -128,11 +128,11 @@ def test_confirmed_stores_are_put_and_remembered():
     leader.progress("r", tokens, len(tokens), [7, 8, 9])
     plan = leader.take_plan()
     assert len(plan.remote_puts) == 0, "not before the host holds the bytes"
-    leader.on_report(WorkerReport(stores_ok=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
     puts = leader.take_plan().remote_puts
     assert puts.keys == keys_of(leader, tokens)
     assert leader.g2.num_active == 3, "put sources are pinned"
-    leader.on_report(WorkerReport(remote_puts_ok=puts.slots[:2], remote_puts_failed=puts.slots[2:]))
+    leader.on_report(WorkerReport(ops_ok=puts.op_ids[:2], ops_failed=puts.op_ids[2:]))
     assert leader.g2.num_active == 0
     keys = keys_of(leader, tokens)
     assert leader.remote_holds(keys[0]) and leader.remote_holds(keys[1])
@@ -159,10 +159,10 @@ def test_remote_only_stages_just_what_the_store_admits():
     leader.progress("s", tokens, len(tokens), [3, 4])
     plan = leader.take_plan()
     assert plan.stores.src == [3, 4]
-    leader.on_report(WorkerReport(stores_ok=list(plan.stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
     puts = leader.take_plan().remote_puts
     assert len(puts) == 2
-    leader.on_report(WorkerReport(remote_puts_ok=list(puts.slots)))
+    leader.on_report(WorkerReport(ops_ok=list(puts.op_ids)))
     assert leader.g2.num_active == 0 and leader.g2.num_registered == 0
 
 
@@ -173,13 +173,13 @@ def test_disk_write_and_remote_put_share_one_pin(tmp_path):
     probe(leader, "r", tokens, 0)
     leader.match("r", tokens, 0)
     leader.progress("r", tokens, len(tokens), [1, 2])
-    leader.on_report(WorkerReport(stores_ok=list(leader.take_plan().stores.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().stores.op_ids)))
     plan = leader.take_plan()
     assert len(plan.disk_writes) == 2 and len(plan.remote_puts) == 2
     assert plan.disk_writes.src == plan.remote_puts.slots
-    leader.on_report(WorkerReport(disk_writes_ok=list(plan.disk_writes.dst)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.disk_writes.op_ids)))
     assert leader.g2.num_active == 2, "the put still reads the slots"
-    leader.on_report(WorkerReport(remote_puts_ok=list(plan.remote_puts.slots)))
+    leader.on_report(WorkerReport(ops_ok=list(plan.remote_puts.op_ids)))
     assert leader.g2.num_active == 0 and not leader.busy
     leader.check_invariants()
 
@@ -192,7 +192,7 @@ def test_held_staging_slots_stay_pinned_until_released():
     leader.begin_onboard("r", [1, 2, 3, 4], 3 * BT)
     (op,) = leader.take_plan().loads
     # A timed-out read of blocks 1 and 2 may still land in their slots.
-    leader.on_report(WorkerReport(loads=[LoadResult("r", [1, 2], [], [1, 2])]))
+    leader.on_report(WorkerReport(loads=[LoadResult("r", [1, 2], [], [1, 2], op_id=op.op_id)]))
     assert leader.g2.num_active == 2 and leader.busy
     free_before = leader.g2.num_free
     assert set(leader.g2.allocate(free_before)).isdisjoint(op.g2_slots[1:])
@@ -205,16 +205,3 @@ def test_remote_stats_feed_the_counters():
     leader.on_report(WorkerReport(remote_stats={"timeouts": 2, "checksum_failures": 1}))
     assert leader.metrics.value("kvtier_remote_events", event="timeouts") == 2
     assert leader.metrics.value("kvtier_checksum_failures") == 1
-
-
-def test_reports_of_ranks_merge_conservatively():
-    a = WorkerReport(remote_present={"r": 4}, remote_puts_ok=[1, 2], remote_healthy=True,
-                     loads=[LoadResult("x", [1], [], [1])], remote_stats={"errors": 1})
-    b = WorkerReport(remote_present={"r": 2}, remote_puts_failed=[2], remote_healthy=False,
-                     loads=[LoadResult("x", [2], [], [2])], remote_stats={"errors": 2})
-    merged = a.merge(b)
-    assert merged.remote_present == {"r": 2}
-    assert merged.remote_puts_ok == [1] and merged.remote_puts_failed == [2]
-    assert merged.remote_healthy is False
-    assert merged.loads[0].held_idx == [1, 2]
-    assert merged.remote_stats == {"errors": 3}

@@ -70,13 +70,18 @@ class KvtierMetadata(KVConnectorMetadata):
 
 
 class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
-    def __init__(self, report: WorkerReport) -> None:
-        self.report = report
+    """The reports of one step, one per rank that had news. vLLM aggregates the ranks'
+    metadata of a step pairwise; kvtier's reports are not merged but kept side by side, since
+    each rank finishes each operation in its own step: the leader adds up each operation's
+    results across ranks and steps (``Leader.on_reports``)."""
+
+    def __init__(self, reports: list[WorkerReport]) -> None:
+        self.reports = reports
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvtierWorkerMetadata:
         if not isinstance(other, KvtierWorkerMetadata):
             return self
-        return KvtierWorkerMetadata(self.report.merge(other.report))
+        return KvtierWorkerMetadata([*self.reports, *other.reports])
 
 
 class KvtierConnector(KVConnectorBase_V1):
@@ -97,9 +102,12 @@ class KvtierConnector(KVConnectorBase_V1):
         self._publisher = None
         if role == KVConnectorRole.SCHEDULER:
             _recompute_failed_loads(self._kv_transfer_config)
+            # Every rank of this engine executes each plan: as many as vLLM's KV output
+            # aggregator waits for (tensor x pipeline (x context) parallel).
             self.leader = Leader(self.config, block_tokens=self.block_tokens,
                                  block_bytes=block_bytes, max_blocks_per_request=max_blocks,
-                                 events=True)
+                                 events=True,
+                                 world_size=vllm_config.parallel_config.world_size)
             if self.config.metrics_port:
                 self.leader.metrics.serve(self.config.metrics_port)
             if self.config.events_endpoint:
@@ -137,7 +145,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KvtierWorkerMetadata | None:
         report = self.worker.take_report() if self.worker is not None else None
-        return KvtierWorkerMetadata(report) if report is not None else None
+        return KvtierWorkerMetadata([report]) if report is not None else None
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         return  # offloads finish within the step, so preempted blocks hold nothing pending
@@ -196,8 +204,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
-        report = meta.report if isinstance(meta, KvtierWorkerMetadata) else WorkerReport()
-        self.leader.on_report(report)
+        self.leader.on_reports(meta.reports if isinstance(meta, KvtierWorkerMetadata) else ())
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
