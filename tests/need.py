@@ -32,9 +32,35 @@ def required() -> bool:
 
 
 def data_dir() -> Path:
-    """The shared trace data: ``$TEST_DATA_DIR``, else ``<repository>/../shared/data``."""
+    """The shared trace data: ``$TEST_DATA_DIR``, else ``shared/data`` beside the repository
+    (or beside a directory above it), else beside the repository this one was cloned from (a
+    clean clone elsewhere, as CI makes). The first candidate when none exists, so the
+    message names where it was looked for."""
     override = os.environ.get(DATA_ENV)
-    return Path(override) if override else (ROOT.parent / "shared" / "data").resolve()
+    if override:
+        return Path(override)
+    candidates = [parent / "shared" / "data" for parent in ROOT.parents]
+    origin = _clone_origin()
+    if origin is not None:
+        candidates.insert(1, origin.parent / "shared" / "data")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return candidates[0]
+
+
+def _clone_origin() -> Path | None:
+    """The local repository this checkout was cloned from, if it was cloned from a path."""
+    import subprocess
+
+    try:
+        url = subprocess.run(["git", "-C", str(ROOT), "remote", "get-url", "origin"],
+                             check=False, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    url = url.removeprefix("file://")
+    return Path(url).resolve() if url and Path(url).is_dir() else None
 
 
 # -- what is missing (None when nothing) --------------------------------------------------------
