@@ -84,7 +84,7 @@ class RemoteToHost:
 class RemoteProber:
     """Existence probes and reconnects of a remote tier, off the engine's step.
 
-    ``probe(tag, keys)`` queues a lookup; ``take_answers()`` returns ``(tag, n)`` pairs, ``n``
+    ``probe(op_id, keys)`` queues a lookup; ``take_answers()`` returns ``(op_id, n)`` pairs, ``n``
     the number of leading keys the store holds (0 when it cannot say). While the store is
     unhealthy the thread calls ``maybe_reconnect()`` every few hundred milliseconds (it backs
     off by itself), so a slow reconnect never stalls a step.
@@ -92,9 +92,9 @@ class RemoteProber:
 
     def __init__(self, remote: Any) -> None:
         self._remote = remote
-        self._jobs: queue.SimpleQueue[tuple[str, list[BlockKey]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, list[BlockKey]] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._answers: list[tuple[str, int]] = []
+        self._answers: list[tuple[int, int]] = []
         self._num_queued = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="kvtier-remote-probe",
@@ -107,12 +107,12 @@ class RemoteProber:
         with self._lock:
             return self._num_queued > 0
 
-    def probe(self, tag: str, keys: list[BlockKey]) -> None:
+    def probe(self, tag: int, keys: list[BlockKey]) -> None:
         with self._lock:
             self._num_queued += 1
         self._jobs.put((tag, keys))
 
-    def take_answers(self) -> list[tuple[str, int]]:
+    def take_answers(self) -> list[tuple[int, int]]:
         with self._lock:
             answers, self._answers = self._answers, []
             self._num_queued -= len(answers)
