@@ -112,7 +112,7 @@ ids = st.lists(st.integers(-3, 40), max_size=4)
 keys = st.lists(st.one_of(st.integers(0, 2**64 - 1), st.binary(max_size=32)), max_size=4)
 load_ops = st.builds(LoadOp, req_id=st.text(max_size=4), device_block_ids=ids, g2_slots=ids,
                      g3_slots=ids, keys=keys)
-copy_ops = st.builds(CopyOps, src=ids, dst=ids, keys=keys)
+copy_ops = st.builds(CopyOps, src=ids, dst=ids, keys=keys, op_ids=ids)
 plans = st.builds(StepPlan, loads=st.lists(load_ops, max_size=3), stores=copy_ops,
                   disk_writes=copy_ops, disk_discards=st.lists(st.integers(-2, 40), max_size=3))
 
@@ -129,13 +129,13 @@ shaped_load_ops = st.integers(0, 4).flatmap(lambda n: st.builds(
     LoadOp, req_id=st.text(max_size=4), device_block_ids=_sized(n)[0], g2_slots=_sized(n)[0],
     g3_slots=_sized(n)[0], keys=_sized(n)[1]))
 shaped_copy_ops = st.integers(0, 4).flatmap(lambda n: st.builds(
-    CopyOps, src=_sized(n)[0], dst=_sized(n)[0], keys=_sized(n)[1]))
+    CopyOps, src=_sized(n)[0], dst=_sized(n)[0], keys=_sized(n)[1], op_ids=_sized(n)[0]))
 
 
 def lengths_agree(plan: StepPlan) -> bool:
     return (all(len(op.device_block_ids) == len(op.g2_slots) == len(op.g3_slots)
                 == len(op.keys) for op in plan.loads)
-            and all(len(c.src) == len(c.dst) == len(c.keys)
+            and all(len(c.src) == len(c.dst) == len(c.keys) == len(c.op_ids)
                     for c in (plan.stores, plan.disk_writes)))
 
 
