@@ -203,10 +203,19 @@ class _Operations:
 
 
 def plan_tier_layout(config: KvtierConfig, block_bytes: int,
-                     max_blocks_per_request: int) -> TierLayout:
-    """Tier sizes in blocks; leader and workers both derive them from the same inputs."""
-    num_g2 = config.num_blocks(config.host_cache_gb, config.host_cache_blocks, block_bytes)
-    num_g3 = config.num_blocks(config.disk_cache_gb, config.disk_cache_blocks, block_bytes)
+                     max_blocks_per_request: int, world_size: int = 1) -> TierLayout:
+    """Tier sizes in blocks; leader and workers both derive them from the same inputs.
+
+    ``block_bytes`` is one rank's shard of a block; ``world_size`` the ranks that each hold
+    one (vLLM: the parallel config's world size). ``host_cache_gb`` and ``disk_cache_gb`` are
+    the whole engine's, as vLLM's ``--kv-offloading-size`` is: every rank gets ``1 /
+    world_size`` of them for its shards, so a tier holds ``GB // (block_bytes x world_size)``
+    blocks, the same slot count on every rank. ``*_cache_blocks`` are slot counts as given."""
+    engine_block_bytes = block_bytes * max(world_size, 1)
+    num_g2 = config.num_blocks(config.host_cache_gb, config.host_cache_blocks,
+                               engine_block_bytes)
+    num_g3 = config.num_blocks(config.disk_cache_gb, config.disk_cache_blocks,
+                               engine_block_bytes)
     if (num_g3 or config.has_remote) and num_g2 == 0:
         # G2 stages every disk and remote transfer, so a set-up without a host cache keeps a
         # bounded staging window (one long request, at most _STAGING_BYTES); it caches
@@ -229,7 +238,7 @@ class Leader:
         self.metrics = metrics or KvtierMetrics()
         self.events = EventBuffer() if events else None
 
-        self.layout = plan_tier_layout(config, block_bytes, max_blocks_per_request)
+        self.layout = plan_tier_layout(config, block_bytes, max_blocks_per_request, world_size)
         num_g2, num_g3 = self.layout.num_g2_slots, self.layout.num_g3_slots
         self.host_caches = config.has_host
         self.g2 = BlockPool(Tier.G2, num_g2, eviction=config.host_eviction_policy,

@@ -7,13 +7,20 @@ Job (JSON file or string)::
 
     {"model": DIR, "block_size": 32, "max_model_len": 10240, "kv_cache_gb": 1,
      "dtype": "float32",                     # compare runs in float32 (ENVIRONMENT.md 4a)
+     "tensor_parallel_size": 1,              # > 1: one worker process per rank, each bound
+                                             # to its own core (VLLM_CPU_OMP_THREADS_BIND
+                                             # "0|1|...", unless already set)
      "connector": null | {"name": "KvtierConnector", "module": "kvtier.connectors.vllm",
                           "extra": {...kv_connector_extra_config...}},
      "faults": null | "point:kind:opt=v,...",  # kvtier.storage.faults.arm_spec, for the
-                                             # negative controls (runs the engine in-process)
+                                             # negative controls (runs the engine in-process;
+                                             # refused with tensor_parallel_size > 1, whose
+                                             # workers are processes of their own)
      "phases": [{"prompts": [str, ...], "max_tokens": 8,
                  "reset_device_cache": true, # reset vLLM's prefix cache before each prompt
-                 "batch": false}]}           # true: all prompts in one generate() call
+                 "batch": false,             # true: all prompts in one generate() call
+                 "pause_s": 0}]}             # sleep before the phase (lets asynchronous
+                                             # transfers land before a short last phase)
 
 Result: {"phases": [{"outputs": [[ids]], "logprobs": [[lp]], "margins": [[lp1 - lp2]],
                      "ttft_s": [s], "wall_s": s}],
@@ -37,6 +44,16 @@ def run_job(job: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job.get("kv_cache_gb", 1))
     fault_spec = job.get("faults")
+    tp = int(job.get("tensor_parallel_size", 1))
+    if tp > 1:
+        if fault_spec:
+            # Faults are armed by a call in one process; with several ranks the workers are
+            # vLLM's own processes, where that call never runs.
+            raise ValueError("faults cannot be armed with tensor_parallel_size > 1: the "
+                             "workers run in processes of their own")
+        # The CPU build binds each rank's OpenMP threads to cores; without a binding it
+        # refuses to start ranks (ENVIRONMENT.md 4a). One core per rank.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(tp))))
     if fault_spec:
         # Faults are armed by a call in the process that runs the worker: keep the engine
         # core in this process instead of vLLM's spawned one.
@@ -63,11 +80,14 @@ def run_job(job: dict) -> dict:
               max_num_batched_tokens=job.get("max_num_batched_tokens",
                                              job.get("max_model_len", 10240)),
               enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False,
-              seed=0, kv_transfer_config=kv_transfer)
+              seed=0, kv_transfer_config=kv_transfer,
+              **({"tensor_parallel_size": tp} if tp > 1 else {}))
     result: dict = {"init_s": time.perf_counter() - started, "phases": []}
     for phase in job["phases"]:
         params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0,
                                 ignore_eos=True, logprobs=2)
+        if phase.get("pause_s"):
+            time.sleep(float(phase["pause_s"]))
         outputs, logprobs, margins, ttfts = [], [], [], []
         phase_started = time.perf_counter()
         prompts = phase["prompts"]

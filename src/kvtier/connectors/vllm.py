@@ -95,7 +95,8 @@ class KvtierConnector(KVConnectorBase_V1):
         model_id = self.config.model_id or str(vllm_config.model_config.model)
         block_bytes = _block_bytes(kv_cache_config)
         max_blocks = -(-vllm_config.model_config.max_model_len // self.block_tokens)
-        layout = plan_tier_layout(self.config, block_bytes, max_blocks)
+        layout = plan_tier_layout(self.config, block_bytes, max_blocks,
+                                  vllm_config.parallel_config.world_size)
         self.leader: Leader | None = None
         self.worker = None
         self._requests: dict[str, Request] = {}
