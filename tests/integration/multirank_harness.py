@@ -70,20 +70,7 @@ class MultiRankHarness(Harness):
         sync_done = [op.req_id for op in plan.loads if op.sync]
         for req_id in [*sync_done, *(connector_output.finished_recving or ())]:
             self._verify_loaded(req_id, invalid)
-        req_ids = list(so.num_scheduled_tokens)
-        sampled = []
-        for req_id in req_ids:
-            req = self.scheduler.requests[req_id]
-            done_prompt = req.num_computed_tokens >= req.num_prompt_tokens
-            sampled.append([self._next_token(req)] if done_prompt else [])
-        out = ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
-            pooler_output=[], kv_connector_output=connector_output)
-        engine_outputs = self.scheduler.update_from_output(so, out)
-        for eco in engine_outputs.values():
-            for o in eco.outputs:
-                self.outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        self._sample(so, connector_output)
 
     @property
     def busy(self) -> bool:

@@ -104,6 +104,11 @@ class Harness:
             connector_output = KVConnectorOutput(
                 finished_sending=finished_sending, finished_recving=finished_recving,
                 invalid_block_ids=invalid, kv_connector_worker_meta=wmeta)
+        self._sample(so, connector_output)
+
+    def _sample(self, so, connector_output) -> None:
+        """The model's sampling step: one token for every request whose prompt is computed,
+        handed to the scheduler with the step's connector output."""
         req_ids = list(so.num_scheduled_tokens)
         sampled = []
         for req_id in req_ids:
@@ -172,6 +177,11 @@ class Harness:
             for layer, name in enumerate(LAYERS):
                 self.kv[name][blocks, :, offsets, :] = token_pattern(toks, positions, layer)
 
+    @staticmethod
+    def _tokens_of(req: Request) -> list[int]:
+        """What a request's KV is a function of (a subclass adds images or embeddings)."""
+        return req.all_token_ids
+
     def _verify_loaded(self, req_id: str, invalid: set[int]) -> None:
         """Every block a finished load wrote (and did not report failed) holds exactly the
         pattern of the request's tokens at that block's positions."""
@@ -184,7 +194,7 @@ class Harness:
             if dev in invalid:
                 continue
             i = table.index(dev)
-            assert self.block_ok(dev, req.all_token_ids, i * BLOCK), (
+            assert self.block_ok(dev, self._tokens_of(req), i * BLOCK), (
                 f"request {req_id}: loaded block {i} (device block {dev}) holds wrong bytes")
             self.verified_loads += 1
 

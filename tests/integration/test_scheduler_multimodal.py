@@ -22,7 +22,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
-from vllm.v1.request import Request, RequestStatus
+from vllm.v1.request import Request
 
 PLACEHOLDER = 999
 HIDDEN = 8
@@ -43,19 +43,9 @@ class MmHarness(Harness):
             for layer, name in enumerate(LAYERS):
                 self.kv[name][blocks, :, offsets, :] = token_pattern(toks, positions, layer)
 
-    def _verify_loaded(self, req_id: str, invalid: set[int]) -> None:
-        op = self._loads_to_verify.pop(req_id, None)
-        req = self.scheduler.requests.get(req_id)
-        if op is None or req is None or RequestStatus.is_finished(req.status):
-            return
-        table = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
-        for dev in op.device_block_ids:
-            if dev in invalid:
-                continue
-            i = table.index(dev)
-            assert self.block_ok(dev, effective_tokens(req), i * BLOCK), (
-                f"request {req_id}: loaded block {i} holds another request's KV")
-            self.verified_loads += 1
+    @staticmethod
+    def _tokens_of(req) -> list[int]:
+        return effective_tokens(req)
 
 
 def effective_tokens(req: Request) -> list[int]:
