@@ -55,7 +55,7 @@ import numpy as np
 import xxhash
 
 from kvtier.errors import ConfigError
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 __all__ = [
     "ENGINE_MODES",

@@ -51,6 +51,10 @@ class KvtierMetrics:
                                           "Requests served without kvtier because their KV "
                                           "cannot be keyed safely, by reason", ["reason"],
                                           registry=r)
+        self.rank_timeouts = Counter("kvtier_rank_timeouts",
+                                     "Operations failed because a rank did not report them "
+                                     "within the deadline after the others, by kind",
+                                     ["kind"], registry=r)
         self.queue_depth = Gauge("kvtier_inflight_transfers", "Blocks in flight, by kind",
                                  ["kind"], registry=r)
         self.tier_blocks = Gauge("kvtier_tier_used_blocks", "Registered blocks held, by tier",

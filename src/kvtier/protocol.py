@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvtier.errors import MetadataError
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 NO_SLOT = -1
 

@@ -1,6 +1,11 @@
-"""The storage tiers, as one enum (never strings like "cpu")."""
+"""The vocabulary every layer shares: the storage tiers (one enum, never strings like "cpu")
+and the key that names a block's contents in all of them."""
 
 import enum
+
+# A block's chained content hash: an int (vLLM's builtin hashes, kvtier's xxh3 mode) or up to
+# 32 bytes (sha256 modes). It names the same bytes in every tier and every process.
+BlockKey = int | bytes
 
 
 class Tier(enum.IntEnum):

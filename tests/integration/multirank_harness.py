@@ -130,7 +130,7 @@ def make_multirank_harness(model_dir: str, extra: dict, *, num_ranks: int = 2,
     leader = scheduler.connector.leader
     # The leader learns the world size from vLLM's parallel config; a CPU VllmConfig cannot
     # ask for two ranks (no devices), so the harness tells it directly.
-    leader._ops.world_size = num_ranks
+    leader.ops.world_size = num_ranks
     vc = scheduler.vllm_config
     kvc = scheduler.kv_cache_config
     base.worker.shutdown()   # one worker per rank instead, each with its own rank

@@ -67,7 +67,7 @@ def test_disk_only_tier_onboards_through_staging(tiny_model, tmp_path):
     h.run()
     h.drain()
     assert h.leader.g3.num_registered >= 11
-    assert not h.leader.host_caches
+    assert not h.leader.host.caches
     h.scheduler.reset_prefix_cache()
     h.add("r1", p + [7, 8, 9])
     h.run()

@@ -116,7 +116,7 @@ def test_second_instance_loads_what_the_first_computed(store, instance, request)
 
     # B: a separate engine with nothing of its own but G2 staging slots.
     b = instance(remote(store.url, request))
-    assert not b.leader.host_caches
+    assert not b.leader.host.caches
     run_and_offload(b, "b0", p)
     assert b.verified_loads == 10, "the 10 full blocks A computed must come from G4"
     assert matched(b, "G4") == 10 * BLOCK

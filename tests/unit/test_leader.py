@@ -88,7 +88,7 @@ def test_engine_expecting_more_than_matched_gets_failing_blocks_not_a_hang():
 
 def test_disk_admission_frequency_filter_needs_a_second_offer(tmp_path):
     leader = make(host_cache_blocks=32, disk_cache_blocks=32, disk_dir=str(tmp_path))
-    leader._recovered = True
+    leader.disk.recovered = True
     tokens = list(range(3, 3 + 2 * BT))
     offload(leader, "a", tokens)
     assert len(leader.take_plan().disk_writes) == 0, "first offer never reaches disk"
@@ -102,7 +102,7 @@ def test_disk_admission_frequency_filter_needs_a_second_offer(tmp_path):
 
 def test_corrupt_disk_block_is_discarded_and_its_slot_dropped_from_the_index(tmp_path):
     leader = make(disk_cache_blocks=32, disk_dir=str(tmp_path), disk_admission="always")
-    leader._recovered = True
+    leader.disk.recovered = True
     tokens = list(range(3, 3 + 3 * BT))
     leader.match("a", tokens, 0)
     leader.progress("a", tokens, len(tokens), [1, 2, 3])
@@ -161,8 +161,8 @@ def test_disk_only_staging_is_bounded_and_long_hits_are_cut(tmp_path):
     # No host cache: G2 only stages, one request's worth at most.
     leader = make(disk_cache_blocks=512, disk_dir=str(tmp_path), disk_admission="always")
     assert leader.layout.num_g2_slots == 64 + 64
-    assert not leader.host_caches
-    leader._recovered = True
+    assert not leader.host.caches
+    leader.disk.recovered = True
     tokens = list(range(3, 3 + 200 * BT))
     leader.g3.restore([(i, k) for i, k in enumerate(
         leader.hasher.hash_blocks(tokens, salt=salt_hash()))])

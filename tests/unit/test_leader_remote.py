@@ -168,7 +168,7 @@ def test_remote_only_stages_just_what_the_store_admits():
 
 def test_disk_write_and_remote_put_share_one_pin(tmp_path):
     leader = make(disk_cache_blocks=16, disk_dir=str(tmp_path), disk_admission="always")
-    leader._recovered = True
+    leader.disk.recovered = True
     tokens = tokens_of(2)
     probe(leader, "r", tokens, 0)
     leader.match("r", tokens, 0)

@@ -47,8 +47,8 @@ def join(phases: Iterable[dict]) -> dict:
     """One phase of a ``vllm_job`` result made of several, in order."""
     joined: dict = {"outputs": [], "logprobs": [], "margins": []}
     for phase in phases:
-        for key in joined:
-            joined[key].extend(phase[key])
+        for key, values in joined.items():
+            values.extend(phase[key])
     return joined
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvtier.storage.block_format import BlockKey
-from kvtier.tiers import Tier
+from kvtier.tiers import BlockKey, Tier
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

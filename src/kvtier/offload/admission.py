@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from kvtier.errors import ConfigError
 from kvtier.registry import Registry
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 __all__ = [
     "AdmissionPolicy",

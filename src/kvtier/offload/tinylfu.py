@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kvtier.errors import ConfigError
 from kvtier.offload.admission import AdmissionPolicy, register_admission_policy
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 __all__ = ["FrequencySketch", "TinyLfuAdmission", "key64"]
 

@@ -32,8 +32,7 @@ from collections.abc import Iterable, Sequence
 from kvtier.errors import BlockStateError
 from kvtier.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EventBuffer
 from kvtier.pools.eviction import MAX_PRIORITY, EvictionPolicy, make_eviction_policy
-from kvtier.storage.block_format import BlockKey
-from kvtier.tiers import Tier
+from kvtier.tiers import BlockKey, Tier
 
 __all__ = ["MAX_PRIORITY", "BlockPool", "BlockState"]
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from kvtier.errors import ConfigError
 from kvtier.registry import Registry
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 __all__ = [
     "EvictionPolicy",

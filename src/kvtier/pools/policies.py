@@ -34,7 +34,7 @@ from collections.abc import Callable
 from kvtier.offload.admission import FrequencyFilter
 from kvtier.offload.tinylfu import FrequencySketch
 from kvtier.pools.eviction import EvictionPolicy, LruEviction, register_policy
-from kvtier.storage.block_format import BlockKey
+from kvtier.tiers import BlockKey
 
 __all__ = [
     "ArcEviction",

@@ -20,14 +20,13 @@ import struct
 import xxhash
 
 from kvtier.errors import BlockFormatError
+from kvtier.tiers import BlockKey
 
 MAGIC = b"KVTB"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sHHQ32sQQ")
 HEADER_BYTES = HEADER.size  # 64
 assert HEADER_BYTES == 64
-
-BlockKey = int | bytes
 
 
 def key_bytes(key: BlockKey) -> bytes:

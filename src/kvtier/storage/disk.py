@@ -56,11 +56,11 @@ from kvtier.storage.block_format import (
     HEADER,
     HEADER_BYTES,
     MAGIC,
-    BlockKey,
     checksum,
     key_bytes,
 )
 from kvtier.storage.host import PAGE_BYTES, HostArena
+from kvtier.tiers import BlockKey
 
 if TYPE_CHECKING:  # never imported at run time: typing.Self needs Python 3.11
     from typing_extensions import Self

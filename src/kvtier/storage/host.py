@@ -25,7 +25,8 @@ import numpy as np
 
 from kvtier.errors import BlockFormatError, StorageError
 from kvtier.layout import KVGeometry
-from kvtier.storage.block_format import HEADER_BYTES, BlockKey, pack_header, verify
+from kvtier.storage.block_format import HEADER_BYTES, pack_header, verify
+from kvtier.tiers import BlockKey
 
 logger = logging.getLogger(__name__)
 

@@ -41,12 +41,12 @@ from kvtier.errors import BlockFormatError, LayoutError, TransferError
 from kvtier.layout import DeviceKV
 from kvtier.storage.block_format import (
     HEADER_BYTES,
-    BlockKey,
     expected_checksum,
     header_for,
     key_bytes,
 )
 from kvtier.storage.host import HostArena
+from kvtier.tiers import BlockKey
 
 _memmove = ctypes.memmove
 _xxh3 = xxhash.xxh3_64_intdigest

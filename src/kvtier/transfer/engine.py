@@ -27,10 +27,9 @@ import numpy as np
 
 from kvtier.errors import TransferError
 from kvtier.layout import DeviceKV
-from kvtier.storage.block_format import BlockKey
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
-from kvtier.tiers import Tier
+from kvtier.tiers import BlockKey, Tier
 from kvtier.transfer.copy import BlockCopier
 from kvtier.transfer.executors import DeviceToHost, DiskToHost, HostToDevice, HostToDisk, Pending
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from kvtier.errors import TransferError
-from kvtier.storage.block_format import BlockKey
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
+from kvtier.tiers import BlockKey
 from kvtier.transfer.copy import BlockCopier, Completion
 
 

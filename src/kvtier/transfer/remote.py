@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.storage.block_format import HEADER_BYTES, BlockKey
+from kvtier.storage.block_format import HEADER_BYTES
 from kvtier.storage.host import HostArena
+from kvtier.tiers import BlockKey
 from kvtier.transfer.executors import Pending, check_ids, check_unique
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,8 @@ from urllib.parse import quote, unquote
 from kvtier.config import redact_url
 from kvtier.errors import BlockFormatError, ConfigError, StorageError, TransferError
 from kvtier.storage import block_format, faults
-from kvtier.storage.block_format import HEADER_BYTES, BlockKey
+from kvtier.storage.block_format import HEADER_BYTES
+from kvtier.tiers import BlockKey
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from kvtier.config import redact_url
 from kvtier.errors import ConfigError, StorageError
-from kvtier.storage.block_format import BlockKey
 from kvtier.storage.remote.base import STAT_NAMES, RemoteBackend, backend_class, parse_namespace
+from kvtier.tiers import BlockKey
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
