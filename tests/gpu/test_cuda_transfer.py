@@ -1,4 +1,7 @@
-"""CUDA data path: dedicated streams, pinned arena, event completion, byte-exact round trips."""
+"""CUDA data path: dedicated streams, pinned arena, event completion, byte-exact round trips.
+
+G1 <-> G2 goes through the worker's calls (``copy_device_to_host`` / ``copy_host_to_device``,
+or a ``BlockCopier``); G2 <-> G3 through the transfer engine."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.tiers import Tier
 from kvtier.transfer import (
+    BlockCopier,
     TransferEngine,
     TransferKind,
     TransferRequest,
@@ -95,15 +99,14 @@ def test_cuda_round_trip_through_disk_is_byte_exact(kind, dtype, tmp_path):
     dev = DeviceKV.from_tensors(kv, BS)
     arena = HostArena(24, dev.geometry)  # pin=None: pinned, CUDA is here
     disk = DiskStorage(str(tmp_path / "g3"), 24, arena.slot_bytes, dev.geometry.fingerprint())
-    engine = TransferEngine(device=dev, arena=arena, disk=disk, max_batch_blocks=4)
+    engine = TransferEngine(arena=arena, disk=disk, max_batch_blocks=4)
     try:
         blocks = [31, 0, 7, 8, 9, 10, 2, 30, 15]
         slots = [3, 4, 5, 6, 0, 1, 20, 11, 12]  # runs and gaps
         expected = [block_bytes(kv, axis, b) for b in blocks]
-        rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, blocks,
-                                            slots))
-        assert poll_until(engine, rid).all_ok
         keys = [100 + i for i in range(len(blocks))]
+        fingerprint = dev.geometry.fingerprint()
+        copy_device_to_host(dev, blocks, arena, slots, keys=keys, fingerprint=fingerprint)
         rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, slots,
                                             list(range(len(blocks))), keys))
         assert poll_until(engine, rid).all_ok
@@ -115,10 +118,8 @@ def test_cuda_round_trip_through_disk_is_byte_exact(kind, dtype, tmp_path):
                                             list(range(len(blocks))), back, keys))
         assert poll_until(engine, rid).all_ok
         targets = [1, 3, 4, 5, 6, 11, 12, 13, 29]
-        rid = engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G2, Tier.G1, back,
-                                            targets))
-        assert poll_until(engine, rid).all_ok
-        torch.cuda.current_stream().synchronize()
+        assert copy_host_to_device(arena, back, dev, targets, keys=keys,
+                                   fingerprint=fingerprint) == []
         for target, want in zip(targets, expected):
             assert block_bytes(kv, axis, target) == want
         zeros = bytes(len(expected[0]))
@@ -133,7 +134,6 @@ def test_offload_waits_for_work_queued_on_the_callers_stream():
     kv, _axis = case("kv_first", torch.float32)
     dev = DeviceKV.from_tensors(kv, BS)
     arena = HostArena(4, dev.geometry)
-    engine = TransferEngine(device=dev, arena=arena)
     try:
         a = torch.randn(4096, 4096, device="cuda")
         for _ in range(20):  # keep the current stream busy for a while
@@ -141,12 +141,11 @@ def test_offload_waits_for_work_queued_on_the_callers_stream():
             a = a / a.norm()
         for t in kv.values():
             t[:, 5].fill_(3.0)  # queued after the matmuls
-        rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [5], [0]))
-        assert poll_until(engine, rid).all_ok
+        copy_device_to_host(dev, [5], arena, [0], keys=[7], fingerprint=0)
         payload = torch.from_numpy(arena.payload(0).copy()).view(torch.float32)
         assert torch.all(payload == 3.0)
+        assert arena.verify(0, 7, 0)  # stamped after the bytes landed
     finally:
-        engine.close()
         arena.close()
 
 
@@ -178,14 +177,15 @@ def test_large_batches_spill_over_the_staging_buffer():
     kv, axis = case("cross_layer", torch.bfloat16)
     dev = DeviceKV.from_tensors(kv, BS)
     arena = HostArena(NB, dev.geometry)
-    engine = TransferEngine(device=dev, arena=arena, max_batch_blocks=5)
     try:
+        copier = BlockCopier(dev, arena, max_batch_blocks=5)
         blocks = list(range(NB))[::-1]
         want = [block_bytes(kv, axis, b) for b in blocks]
-        rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, blocks,
-                                            list(range(NB))))
-        assert poll_until(engine, rid).all_ok
+        done = copier.to_host(blocks, list(range(NB)))
+        assert done.wait(30)
         assert all(bytes(arena.payload(s)) == want[s] for s in range(NB))
+        zero_(kv)
+        assert copier.to_device(list(range(NB)), blocks).wait(30)
+        assert all(block_bytes(kv, axis, b) == want[i] for i, b in enumerate(blocks))
     finally:
-        engine.close()
         arena.close()

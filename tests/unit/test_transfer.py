@@ -1,5 +1,6 @@
-"""G1 <-> G2 copies and the transfer engine: byte-exact round trips for every layout and dtype,
-validation, ordering and failure handling."""
+"""G1 <-> G2 copies (the worker's synchronous path) and the transfer engine (G2 <-> G3 and other
+background pairs): byte-exact round trips for every layout and dtype, validation, ordering and
+failure handling."""
 
 from __future__ import annotations
 
@@ -98,24 +99,24 @@ def test_round_trip_g1_g2_g3_g2_g1_is_byte_exact(kind, dtype, tmp_path):
     fp = dev.geometry.fingerprint("model")
     arena = HostArena(8, dev.geometry, pin=False)
     disk = DiskStorage(str(tmp_path / "g3"), 12, arena.slot_bytes, fp)
-    engine = TransferEngine(device=dev, arena=arena, disk=disk, max_batch_blocks=2,
-                            max_concurrent=2)
+    engine = TransferEngine(arena=arena, disk=disk, max_batch_blocks=2, max_concurrent=2)
     try:
         src_blocks, keys = [5, 1, 3, 6], [11, b"twelve", 13, 14]
         expected = [block_bytes(kv, axis, b) for b in src_blocks]
 
-        def run(kind_, src, dst, src_ids, dst_ids, with_keys=False):
-            rid = engine.submit(TransferRequest(kind_, src, dst, src_ids, dst_ids,
-                                                keys if with_keys else []))
+        def run(kind_, src, dst, src_ids, dst_ids):
+            rid = engine.submit(TransferRequest(kind_, src, dst, src_ids, dst_ids, keys))
             (result,) = engine.wait([rid], timeout=30)
             assert result.ok == [True] * len(src_ids), (src, dst)
 
-        run(TransferKind.OFFLOAD, Tier.G1, Tier.G2, src_blocks, [2, 0, 7, 4])
-        run(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [2, 0, 7, 4], [4, 5, 9, 10], True)
+        # G1 <-> G2 as the worker does it: stamped offload, verified onboard.
+        copy_device_to_host(dev, src_blocks, arena, [2, 0, 7, 4], keys=keys, fingerprint=fp)
+        run(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [2, 0, 7, 4], [4, 5, 9, 10])
         arena.array[:] = 0
         zero_(kv)
-        run(TransferKind.ONBOARD, Tier.G3, Tier.G2, [4, 5, 9, 10], [6, 1, 3, 5], True)
-        run(TransferKind.ONBOARD, Tier.G2, Tier.G1, [6, 1, 3, 5], [0, 2, 4, 7])
+        run(TransferKind.ONBOARD, Tier.G3, Tier.G2, [4, 5, 9, 10], [6, 1, 3, 5])
+        assert copy_host_to_device(arena, [6, 1, 3, 5], dev, [0, 2, 4, 7], keys=keys,
+                                   fingerprint=fp) == []
         for dst, want in zip([0, 2, 4, 7], expected):
             assert block_bytes(kv, axis, dst) == want
         untouched = bytes(len(expected[0]))
@@ -162,20 +163,37 @@ def test_copier_refuses_an_arena_of_another_geometry():
         BlockCopier(dev, other_arena)
 
 
+def filled_arena_and_disk(tmp_path, num_slots=16, disk_slots=16):
+    """A CPU arena whose payloads are random bytes, and an empty disk tier of its geometry."""
+    _kv, _axis, dev, arena = cpu_setup(num_slots)
+    rng = np.random.default_rng(5)
+    for slot in range(num_slots):
+        arena.payload(slot)[:] = rng.integers(0, 256, arena.payload_bytes, dtype=np.uint8)
+    disk = DiskStorage(str(tmp_path / "g3"), disk_slots, arena.slot_bytes,
+                       dev.geometry.fingerprint())
+    return arena, disk
+
+
 def test_large_requests_are_chunked_and_reassembled(tmp_path):
-    kv, axis, dev, arena = cpu_setup()
-    engine = TransferEngine(device=dev, arena=arena, max_batch_blocks=3, max_concurrent=3)
+    arena, disk = filled_arena_and_disk(tmp_path)
+    engine = TransferEngine(arena=arena, disk=disk, max_batch_blocks=3, max_concurrent=3)
     try:
-        blocks = [7, 6, 5, 4, 3, 2, 1]
-        rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, blocks,
-                                            list(range(7))))
+        slots, keys = [7, 6, 5, 4, 3, 2, 1], [100 + i for i in range(7)]
+        want = [bytes(arena.payload(s)) for s in slots]
+        rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, slots,
+                                            list(range(7)), keys))
         (result,) = engine.wait([rid], timeout=10)
         assert result.ok == [True] * 7 and result.all_ok and result.failed_dst_ids == []
-        for slot, block in enumerate(blocks):
-            assert bytes(arena.payload(slot)) == block_bytes(kv, axis, block)
-        assert engine.stats[(Tier.G1, Tier.G2)].blocks == 7
+        assert engine.stats[(Tier.G2, Tier.G3)].blocks == 7
+        back = [8, 9, 10, 11, 12, 13, 14]
+        rid = engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2,
+                                            list(range(7)), back, keys))
+        (result,) = engine.wait([rid], timeout=10)
+        assert result.all_ok
+        assert [bytes(arena.payload(s)) for s in back] == want
     finally:
         engine.close()
+        disk.close()
 
 
 class GatedExecutor:
@@ -261,28 +279,40 @@ def test_per_block_failures_and_executor_crashes_are_reported():
         engine.close()
 
 
-def test_submit_validation():
+def test_submit_validation(tmp_path):
+    arena, disk = filled_arena_and_disk(tmp_path)
+    engine = TransferEngine(arena=arena, disk=disk)
+    try:
+        with pytest.raises(TransferError, match="no transfer path G1 -> G2"):
+            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [0], [0]))
+        with pytest.raises(TransferError, match="is an OFFLOAD"):
+            engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G2, Tier.G3, [0], [0], [1]))
+        with pytest.raises(TransferError, match="2 source ids but 1"):
+            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [0, 1], [0],
+                                          [1, 2]))
+        with pytest.raises(TransferError, match="disk slot 99 out of range"):
+            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [0], [99], [1]))
+        with pytest.raises(TransferError, match="arena slot 16 out of range"):
+            engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2, [0], [16], [1]))
+        with pytest.raises(TransferError, match="same disk slot twice"):
+            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [0, 1],
+                                          [3, 3], [1, 2]))
+        with pytest.raises(TransferError, match="1 blocks but 2 keys"):
+            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [0], [0],
+                                          [1, 2]))
+        empty = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [], []))
+        assert [(r.id, r.ok) for r in engine.poll()] == [(empty, [])]
+    finally:
+        engine.close()
+        disk.close()
+
+
+def test_the_engine_has_no_device_paths():
+    """G1 <-> G2 is the worker's synchronous copy (copy.py), never an engine transfer."""
     _kv, _axis, dev, arena = cpu_setup()
     engine = TransferEngine(device=dev, arena=arena)
     try:
-        with pytest.raises(TransferError, match="no transfer path G2 -> G3"):
-            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3, [0], [0], [1]))
-        with pytest.raises(TransferError, match="is an OFFLOAD"):
-            engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G1, Tier.G2, [0], [0]))
-        with pytest.raises(TransferError, match="2 source ids but 1"):
-            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [0, 1], [0]))
-        with pytest.raises(TransferError, match="device block 99 out of range"):
-            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [99], [0]))
-        with pytest.raises(TransferError, match="arena slot 16 out of range"):
-            engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G2, Tier.G1, [16], [0]))
-        with pytest.raises(TransferError, match="same arena slot twice"):
-            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [0, 1],
-                                          [3, 3]))
-        with pytest.raises(TransferError, match="1 blocks but 2 keys"):
-            engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [0], [0],
-                                          [1, 2]))
-        empty = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2, [], []))
-        assert [(r.id, r.ok) for r in engine.poll()] == [(empty, [])]
+        assert engine.paths() == []
     finally:
         engine.close()
 
@@ -330,16 +360,16 @@ def test_executors_are_pluggable_and_checked():
         engine.close()
 
 
-def test_concurrent_submitters_get_every_result():
-    kv, axis, dev, arena = cpu_setup(num_slots=64)
-    engine = TransferEngine(device=dev, arena=arena, max_batch_blocks=2, max_concurrent=2)
+def test_concurrent_submitters_get_every_result(tmp_path):
+    arena, disk = filled_arena_and_disk(tmp_path, num_slots=64, disk_slots=32)
+    engine = TransferEngine(arena=arena, disk=disk, max_batch_blocks=2, max_concurrent=2)
     ids, lock = [], threading.Lock()
 
     def submit(base):
         for i in range(8):
             slot = base * 8 + i
-            rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G1, Tier.G2,
-                                                [slot % NB], [slot]))
+            rid = engine.submit(TransferRequest(TransferKind.OFFLOAD, Tier.G2, Tier.G3,
+                                                [slot], [slot], [slot]))
             with lock:
                 ids.append(rid)
 
@@ -352,10 +382,16 @@ def test_concurrent_submitters_get_every_result():
         results = engine.wait(ids, timeout=10)
         assert sorted(r.id for r in results) == sorted(ids) and len(set(ids)) == 32
         assert all(r.all_ok for r in results)
+        rid = engine.submit(TransferRequest(TransferKind.ONBOARD, Tier.G3, Tier.G2,
+                                            list(range(32)), list(range(32, 64)),
+                                            list(range(32))))
+        (result,) = engine.wait([rid], timeout=10)
+        assert result.all_ok
         for slot in range(32):
-            assert bytes(arena.payload(slot)) == block_bytes(kv, axis, slot % NB)
+            assert bytes(arena.payload(32 + slot)) == bytes(arena.payload(slot))
     finally:
         engine.close()
+        disk.close()
 
 
 def test_numpy_ids_are_accepted():

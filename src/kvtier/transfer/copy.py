@@ -1,5 +1,9 @@
 """Batched block copies between the engine's KV tensors (G1) and the host arena (G2).
 
+This is the one G1 <-> G2 path: the worker offloads with ``copy_device_to_host`` (headers
+stamped, ``keys`` given) and onboards with ``copy_host_to_device`` (slots verified), both
+synchronous on its own thread, through one ``BlockCopier`` per (device, arena) pair.
+
 A block is a list of segments (see ``kvtier.layout``); its payload in an arena slot is those
 segments back to back. Two implementations behind one ``BlockCopier``:
 
@@ -11,7 +15,7 @@ segments back to back. Two implementations behind one ``BlockCopier``:
   into a staging buffer shaped like arena slots (``index_select`` per segment), then DMAs each
   run of consecutive arena slots into the pinned arena in one copy. Onboard DMAs runs into the
   staging buffer and scatters with ``index_copy_`` on wide-dtype views. Completion is a CUDA
-  event, queried (never waited on) by the transfer engine.
+  event (``Completion.done()`` queries it; the blocking helpers below wait for it).
 
 Block ids and slots are validated for the whole batch before any byte moves; a malformed batch
 raises ``TransferError`` and changes nothing.

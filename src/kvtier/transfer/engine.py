@@ -1,13 +1,15 @@
 """The transfer engine: submit a batch, get an id, poll for completions.
 
 The engine's step never waits: ``submit`` validates and queues (returns at once), worker threads
-move the bytes (disk I/O and copies release the GIL), ``poll`` hands back whatever finished.
+move the bytes (disk I/O and remote calls release the GIL), ``poll`` hands back whatever finished.
+It serves the background pairs, G2 <-> G3 and G2 <-> G4. G1 <-> G2 never goes through it: the
+worker copies between the device and the host synchronously (``copy.copy_device_to_host`` /
+``copy.copy_host_to_device``), the one G1 <-> G2 copy path.
 
 - Two queues: onboard (towards G1, a request is waiting) is always served before offload.
 - A request larger than ``max_batch_blocks`` is split into chunks that run in parallel; its
   result is reported once, when every chunk has finished.
-- At most ``max_concurrent`` chunks run at once (worker threads), and at most as many
-  asynchronous device copies are in flight.
+- At most ``max_concurrent`` chunks run at once (worker threads).
 - Tier pairs are executors in a registry (``add_executor``); see ``executors.py``.
 """
 
@@ -30,8 +32,7 @@ from kvtier.layout import DeviceKV
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.tiers import BlockKey, Tier
-from kvtier.transfer.copy import BlockCopier
-from kvtier.transfer.executors import DeviceToHost, DiskToHost, HostToDevice, HostToDisk, Pending
+from kvtier.transfer.executors import DiskToHost, HostToDisk, Pending
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -96,7 +97,11 @@ class PairStats:
 
 
 class TransferEngine:
-    """Moves blocks between tiers asynchronously; see the module doc."""
+    """Moves blocks between tiers asynchronously; see the module doc.
+
+    With ``arena`` and ``disk`` the G2 <-> G3 pair is registered; other pairs are
+    ``add_executor`` calls. ``device`` is accepted and unused (G1 <-> G2 copies are not
+    transfers of this engine; see the module doc)."""
 
     def __init__(self, *, device: DeviceKV | None = None, arena: HostArena | None = None,
                  disk: DiskStorage | None = None, max_batch_blocks: int = 64,
@@ -107,10 +112,6 @@ class TransferEngine:
         self.max_concurrent = max_concurrent
         self._executors: dict[tuple[Tier, Tier], Any] = {}
         self.stats: dict[tuple[Tier, Tier], PairStats] = {}
-        if device is not None and arena is not None:
-            copier = BlockCopier(device, arena, max_batch_blocks=max_batch_blocks)
-            self.add_executor(Tier.G1, Tier.G2, DeviceToHost(copier))
-            self.add_executor(Tier.G2, Tier.G1, HostToDevice(copier))
         if arena is not None and disk is not None:
             if arena.slot_bytes != disk.slot_bytes:
                 raise TransferError(f"arena slots ({arena.slot_bytes} B) and disk slots "
@@ -121,7 +122,6 @@ class TransferEngine:
         self._cv = threading.Condition()
         self._onboard: deque[_Chunk] = deque()
         self._offload: deque[_Chunk] = deque()
-        self._inflight: list[tuple[_Chunk, Pending]] = []
         self._completed: dict[int, TransferResult] = {}
         self._unfinished = 0
         self._closed = False
@@ -196,7 +196,6 @@ class TransferEngine:
     def poll(self) -> list[TransferResult]:
         """Every transfer finished since the last poll (never blocks)."""
         with self._cv:
-            self._reap()
             if not self._completed:
                 return []
             results = list(self._completed.values())
@@ -212,14 +211,12 @@ class TransferEngine:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
-                self._reap()
                 if wanted.issubset(self._completed):
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                # Device copies complete without a notification: recheck them regularly.
-                self._cv.wait(0.001 if self._inflight else remaining)
+                self._cv.wait(remaining)
             return [self._completed.pop(i) for i in sorted(wanted) if i in self._completed]
 
     def pending(self) -> int:
@@ -232,15 +229,13 @@ class TransferEngine:
     def _next_chunk(self) -> _Chunk | None:
         """Take the next chunk, onboard first (caller holds the lock); None means exit."""
         while True:
-            self._reap()
-            if len(self._inflight) < self.max_concurrent:
-                if self._onboard:
-                    return self._onboard.popleft()
-                if self._offload:
-                    return self._offload.popleft()
-                if self._closed:
-                    return None
-            self._cv.wait(0.001 if self._inflight else None)
+            if self._onboard:
+                return self._onboard.popleft()
+            if self._offload:
+                return self._offload.popleft()
+            if self._closed:
+                return None
+            self._cv.wait()
 
     def _work(self) -> None:
         while True:
@@ -259,22 +254,7 @@ class TransferEngine:
                                  state.request.src.name, state.request.dst.name)
                 pending = Pending(ok=[False] * (chunk.stop - chunk.start))
             with self._cv:
-                if pending.done():
-                    self._finish(chunk, pending)
-                else:
-                    self._inflight.append((chunk, pending))
-
-    def _reap(self) -> None:
-        """Finish in-flight asynchronous chunks whose completion has fired (lock held)."""
-        if not self._inflight:
-            return
-        still = []
-        for chunk, pending in self._inflight:
-            if pending.done():
                 self._finish(chunk, pending)
-            else:
-                still.append((chunk, pending))
-        self._inflight = still
 
     def _finish(self, chunk: _Chunk, pending: Pending) -> None:
         state = chunk.state
@@ -310,12 +290,6 @@ class TransferEngine:
             self._cv.notify_all()
         for worker in self._workers:
             worker.join(timeout)
-        with self._cv:
-            for chunk, pending in self._inflight:
-                if not pending.wait(timeout):
-                    pending = Pending(ok=[False] * (chunk.stop - chunk.start))
-                self._finish(chunk, pending)
-            self._inflight = []
 
     def __enter__(self) -> Self:
         return self

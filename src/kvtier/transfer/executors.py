@@ -1,18 +1,20 @@
-"""One executor per tier pair: the code that actually moves a batch of blocks.
+"""One executor per tier pair: the code that actually moves a batch of blocks in the background.
 
 The transfer engine knows nothing about tiers beyond this protocol; a new pair (G2 <-> G4, a
-direct G1 -> G3) is one ``TransferEngine.add_executor(src, dst, executor)`` call.
+direct G1 -> G3) is one ``TransferEngine.add_executor(src, dst, executor)`` call. Here: G2 <-> G3
+(disk); ``remote.py`` has G2 <-> G4. G1 <-> G2 is not an executor: the worker copies between the
+device and the host synchronously, on its own thread, with ``copy.copy_device_to_host`` /
+``copy.copy_host_to_device`` (the one G1 <-> G2 copy path).
 
 Protocol (duck-typed):
 
 - ``needs_keys: bool`` — whether requests must carry one block key per block.
 - ``check(src_ids, dst_ids)`` — raise ``TransferError`` for ids out of range or a destination
   named twice. Called in ``submit`` (the caller's thread) before anything is queued.
-- ``prepare()`` — called in ``submit`` too; returns an opaque token handed to ``start`` (the CUDA
-  executors record an event on the caller's stream, so copies wait for queued kernels).
-- ``start(src_ids, dst_ids, keys, token) -> Pending`` — runs on a transfer worker thread; moves
-  the blocks or starts moving them. Per-block failures are ``False`` in the result, never
-  exceptions.
+- ``prepare()`` — called in ``submit`` too; returns an opaque token handed to ``start`` (state
+  of the submitting thread a transfer must capture there; None for the pairs here).
+- ``start(src_ids, dst_ids, keys, token) -> Pending`` — runs on a transfer worker thread and
+  moves the blocks. Per-block failures are ``False`` in the result, never exceptions.
 """
 
 from __future__ import annotations
@@ -26,23 +28,15 @@ from kvtier.errors import TransferError
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.tiers import BlockKey
-from kvtier.transfer.copy import BlockCopier, Completion
 
 
 class Pending:
-    """A batch in flight: ``done()`` never blocks; ``result()`` is per-block success."""
+    """The outcome of a moved batch: ``result()`` is per-block success (``ok`` None: all)."""
 
-    __slots__ = ("_completion", "_ok")
+    __slots__ = ("_ok",)
 
-    def __init__(self, ok: list[bool] | None = None, completion: Completion | None = None):
+    def __init__(self, ok: list[bool] | None = None):
         self._ok = ok
-        self._completion = completion
-
-    def done(self) -> bool:
-        return self._completion is None or self._completion.done()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._completion is None or self._completion.wait(timeout)
 
     def result(self, count: int) -> list[bool]:
         return self._ok if self._ok is not None else [True] * count
@@ -57,46 +51,6 @@ def check_ids(ids: np.ndarray, limit: int, what: str) -> None:
 def check_unique(ids: np.ndarray, what: str) -> None:
     if np.unique(ids).size != ids.size:
         raise TransferError(f"a transfer names the same {what} twice")
-
-
-class DeviceToHost:
-    """G1 -> G2: gather device blocks into arena slots."""
-
-    needs_keys = False
-
-    def __init__(self, copier: BlockCopier):
-        self.copier = copier
-
-    def check(self, src_ids: np.ndarray, dst_ids: np.ndarray) -> None:
-        check_ids(src_ids, self.copier.dev.num_blocks, "device block")
-        check_ids(dst_ids, self.copier.arena.num_slots, "arena slot")
-        check_unique(dst_ids, "arena slot")
-
-    def prepare(self) -> Any:
-        return _stream_event(self.copier)
-
-    def start(self, src_ids, dst_ids, keys: Sequence[BlockKey], token: Any) -> Pending:
-        return Pending(completion=self.copier.to_host(src_ids, dst_ids, after=token))
-
-
-class HostToDevice:
-    """G2 -> G1: scatter arena slots into device blocks."""
-
-    needs_keys = False
-
-    def __init__(self, copier: BlockCopier):
-        self.copier = copier
-
-    def check(self, src_ids: np.ndarray, dst_ids: np.ndarray) -> None:
-        check_ids(src_ids, self.copier.arena.num_slots, "arena slot")
-        check_ids(dst_ids, self.copier.dev.num_blocks, "device block")
-        check_unique(dst_ids, "device block")
-
-    def prepare(self) -> Any:
-        return _stream_event(self.copier)
-
-    def start(self, src_ids, dst_ids, keys: Sequence[BlockKey], token: Any) -> Pending:
-        return Pending(completion=self.copier.to_device(src_ids, dst_ids, after=token))
 
 
 class HostToDisk:
@@ -142,12 +96,3 @@ class DiskToHost:
         pairs = list(zip(src_ids.tolist(), dst_ids.tolist(), keys))
         return Pending(ok=self.disk.read(self.arena, pairs))
 
-
-def _stream_event(copier: BlockCopier) -> Any:
-    if not copier.is_cuda:
-        return None
-    import torch
-
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(copier.dev.device))
-    return event
