@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.config import KvtierConfig
 from kvtier.events.types import EventBuffer
@@ -71,6 +71,7 @@ class _Request:
     # The last match() answer: first block index and the tier of each block to load.
     match_start: int = 0
     match_tiers: list[Tier] = dataclasses.field(default_factory=list)
+    match_found: list[Tier] = dataclasses.field(default_factory=list)  # before the cost cut
     counted: bool = False   # its lookup is in the hit-rate metrics
     match_sync: bool = False  # the last match is small enough to load inside the step
     # Why its blocks cannot be keyed safely; such a request is neither matched nor offloaded.
@@ -103,9 +104,12 @@ def plan_tier_layout(config: KvtierConfig, block_bytes: int,
 class Leader:
     def __init__(self, config: KvtierConfig, *, block_tokens: int, block_bytes: int,
                  max_blocks_per_request: int, metrics: KvtierMetrics | None = None,
-                 events: bool = False, world_size: int = 1) -> None:
+                 events: bool = False, world_size: int = 1,
+                 clock: Callable[[], float] | None = None) -> None:
         """``world_size``: the ranks that execute each plan and report it (vLLM: the
-        parallel config's world size, the count its own KV output aggregator waits for)."""
+        parallel config's world size, the count its own KV output aggregator waits for).
+        ``clock``: the time base of admission policies that decay with time (default: the
+        monotonic clock; a replay passes its trace's)."""
         self.config = config
         self.block_tokens = block_tokens
         self.block_bytes = block_bytes
@@ -124,8 +128,8 @@ class Leader:
         self.disk = DiskManager(num_g3, eviction=config.disk_eviction_policy,
                                 admission=config.disk_admission, events=self.events,
                                 block_tokens=block_tokens, world_size=world_size,
-                                metrics=metrics) if num_g3 else None
-        self.remote = (RemoteManager(config, self.ops, metrics)
+                                metrics=metrics, clock=clock) if num_g3 else None
+        self.remote = (RemoteManager(config, self.ops, metrics, clock)
                        if config.has_remote and self.host is not None else None)
         self.loads = self.offloads = None
         if self.host is not None:
@@ -152,7 +156,8 @@ class Leader:
     # -- requests -----------------------------------------------------------------------
     def match(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int, *,
               cache_salt: str | None = None, lora_name: str | None = None,
-              keys: RequestKeys | None = None) -> int | None:
+              keys: RequestKeys | None = None,
+              block_keys: Sequence[BlockKey] | None = None) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that kvtier will load, or None to ask again
         next step (the disk index of a previous run, or the answer of a G4 probe, has not
         arrived yet). Side-effect free for the tiers (it only caches the request's hashes,
@@ -161,7 +166,10 @@ class Leader:
         ``keys`` names everything else the request's KV depends on (multimodal items, prompt
         embeddings, salt, LoRA); ``cache_salt``/``lora_name`` are its short form. Only the
         first call of a request reads them. A request whose keys cannot be trusted
-        (``RequestKeys.unkeyable_reason``) is answered 0 and never offloaded."""
+        (``RequestKeys.unkeyable_reason``) is answered 0 and never offloaded.
+
+        ``block_keys``: the engine's own chained hash of each full block (covering everything
+        its KV depends on), used instead of kvtier's; ``token_ids`` are then only counted."""
         if keys is None:
             keys = RequestKeys(cache_salt=cache_salt, lora_name=lora_name)
         elif cache_salt is not None or lora_name is not None:
@@ -171,10 +179,10 @@ class Leader:
             return 0
         if self.disk is not None and not self.disk.ready():
             return None
-        self._hash_upto(req, token_ids, len(token_ids))
+        self._hash_upto(req, token_ids, len(token_ids), block_keys)
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
-        limit = (len(token_ids) - 1) // self.block_tokens
+        limit = min((len(token_ids) - 1) // self.block_tokens, len(req.hashes))
         remote = self.remote if self.remote is not None and self.remote.healthy else None
         tiers = self._tiers_of_prefix(req, start, limit, remote) if limit > start else []
         if (remote is not None and start + len(tiers) < limit
@@ -183,6 +191,7 @@ class Leader:
             return None
         decision = self.onboard.decide(self._cap_staging(tiers))
         req.match_start, req.match_tiers = start, tiers[:decision.num_blocks]
+        req.match_found = tiers
         req.match_sync = (decision.load_s * 1000 <= self.config.sync_load_max_ms
                           and Tier.G4 not in req.match_tiers)
         if not req.counted:
@@ -211,16 +220,19 @@ class Leader:
                          sync=req is not None and req.match_sync)
 
     def progress(self, req_id: str, token_ids: Sequence[int], num_valid_tokens: int,
-                 device_block_ids: Sequence[int], priority: int = 100) -> None:
+                 device_block_ids: Sequence[int], priority: int = 100,
+                 block_keys: Sequence[BlockKey] | None = None) -> None:
         """After this step, the device holds valid KV for ``token_ids[:num_valid_tokens]`` in
-        ``device_block_ids``: offload blocks that became full (write-through to G2)."""
+        ``device_block_ids``: offload blocks that became full (write-through to G2).
+        ``block_keys``: as for ``match``."""
         req = self._requests.get(req_id)
         if req is None or self.offloads is None or req.unkeyable:
             return
         num_full = min(num_valid_tokens // self.block_tokens, len(device_block_ids))
         if num_full <= req.num_offered:
             return
-        self._hash_upto(req, token_ids, num_full * self.block_tokens)
+        self._hash_upto(req, token_ids, num_full * self.block_tokens, block_keys)
+        num_full = min(num_full, len(req.hashes))
         if priority >= self.config.offload_min_priority:
             for i in range(req.num_offered, num_full):
                 self.offloads.offer(req.hashes[i], device_block_ids[i])
@@ -237,6 +249,12 @@ class Leader:
         """Whether the last match of ``req_id`` loads between steps (else within the step)."""
         req = self._requests.get(req_id)
         return req is None or not req.match_sync
+
+    def found_tiers(self, req_id: str) -> list[Tier]:
+        """Tier of each block the request's last match found beyond the device prefix,
+        loaded or (where loading was estimated slower) recomputed."""
+        req = self._requests.get(req_id)
+        return req.match_found if req is not None else []
 
     def onboard_split(self, req_id: str) -> dict[Tier, int]:
         """Tokens of the request's current load, by the tier they come from."""
@@ -386,10 +404,14 @@ class Leader:
             self._requests[req_id] = req
         return req
 
-    def _hash_upto(self, req: _Request, token_ids: Sequence[int], num_tokens: int) -> None:
+    def _hash_upto(self, req: _Request, token_ids: Sequence[int], num_tokens: int,
+                   block_keys: Sequence[BlockKey] | None) -> None:
         have = len(req.hashes)
         want = num_tokens // self.block_tokens
         if want <= have:
+            return
+        if block_keys is not None:
+            req.hashes.extend(block_keys[have:want])
             return
         parent = req.hashes[-1] if have else None
         start = have * self.block_tokens

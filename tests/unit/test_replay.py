@@ -264,6 +264,25 @@ def test_tiers_add_hits_and_account_bytes():
     assert 0 < tiered.ttft_saved_s < tiered.ttft_baseline_s
 
 
+def test_lower_tiers_are_the_connectors_leader():
+    # The replay's tiers are the leader's own pools and its hits the leader's own counts, so
+    # a change in the connector's tier logic changes the replay's predictions with it.
+    trace = generated_workload()
+    sim = ReplaySimulator([TierSpec(Tier.G1, 30), TierSpec(Tier.G2, 40),
+                           TierSpec(Tier.G3, 60, admission="always"), TierSpec(Tier.G4, 400)],
+                          block_tokens=trace.block_tokens, cost=COST)
+    result = sim.run(trace)
+    leader = sim.leader
+    assert sim.pools[1] is leader.g2 and sim.pools[2] is leader.g3
+    by_tier = {t.tier: t for t in result.tiers}
+    for tier in (Tier.G2, Tier.G3, Tier.G4):
+        loaded = by_tier[tier].blocks_hit - by_tier[tier].not_onboarded_blocks
+        assert loaded == leader.metrics.value("kvtier_matched_blocks", tier=tier.name), tier
+    assert by_tier[Tier.G4].blocks_hit > 0   # found through the leader's probes of the store
+    assert not leader.busy
+    leader.check_invariants()
+
+
 def test_disk_admission_gates_writes():
     trace = generated_workload()
     never = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400, admission="never")],

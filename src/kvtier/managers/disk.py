@@ -10,7 +10,7 @@ them hold.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.events.types import EventBuffer
 from kvtier.metrics import KvtierMetrics
@@ -27,10 +27,10 @@ MAX_RECOVERY_WAITS = 50
 class DiskManager:
     def __init__(self, num_slots: int, *, eviction: str, admission: str,
                  events: EventBuffer | None, block_tokens: int, world_size: int,
-                 metrics: KvtierMetrics) -> None:
+                 metrics: KvtierMetrics, clock: Callable[[], float] | None = None) -> None:
         self.pool = BlockPool(Tier.G3, num_slots, eviction=eviction, events=events,
                               block_size=block_tokens)
-        self.admission = make_admission_policy(admission)
+        self.admission = make_admission_policy(admission, clock=clock)
         self.metrics = metrics
         self.world_size = world_size
         self._writing: set[BlockKey] = set()

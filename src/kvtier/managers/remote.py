@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.config import KvtierConfig
 from kvtier.managers.operations import Operation, Operations
@@ -48,8 +48,9 @@ class _Probe:
 
 
 class RemoteManager:
-    def __init__(self, config: KvtierConfig, ops: Operations, metrics: KvtierMetrics) -> None:
-        self.admission = make_admission_policy(config.remote_admission)
+    def __init__(self, config: KvtierConfig, ops: Operations, metrics: KvtierMetrics,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.admission = make_admission_policy(config.remote_admission, clock=clock)
         self.ops = ops
         self.metrics = metrics
         self._known: OrderedDict[BlockKey, None] = OrderedDict()   # oldest first

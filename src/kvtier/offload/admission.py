@@ -29,6 +29,7 @@ __all__ = [
 
 class AdmissionPolicy(abc.ABC):
     name: ClassVar[str]
+    takes_clock: ClassVar[bool] = False   # its constructor takes ``clock=``
 
     @abc.abstractmethod
     def admit(self, key: BlockKey) -> bool:
@@ -46,12 +47,17 @@ def admission_policy_names() -> list[str]:
     return _REGISTRY.names()
 
 
-def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
-    """A policy by registered name; ``options`` go to its constructor."""
+def make_admission_policy(name: str, *, clock: Callable[[], float] | None = None,
+                          **options: Any) -> AdmissionPolicy:
+    """A policy by registered name; ``options`` go to its constructor. ``clock`` (seconds) is
+    the time base of policies that decay with time (a replay passes its trace's clock);
+    policies without one ignore it."""
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"admission policy {name!r} is not known: use one of "
                           f"{', '.join(admission_policy_names())}")
+    if clock is not None and cls.takes_clock:
+        options["clock"] = clock
     try:
         return cls(**options)
     except TypeError as exc:
@@ -91,6 +97,7 @@ class FrequencyFilter(AdmissionPolicy):
     """
 
     name = "frequency"
+    takes_clock = True
 
     def __init__(self, min_count: int = 2, decay_seconds: float = 600.0,
                  max_entries: int = 1_000_000,

@@ -93,6 +93,7 @@ class BlockPool:
         self._num_free = num_blocks
         self._num_inactive = 0
         self._num_active = 0
+        self.num_evicted = 0   # registered blocks evicted to make room, over the pool's life
 
     # -- counts ---------------------------------------------------------------------------
     @property
@@ -191,6 +192,7 @@ class BlockPool:
             ref[block_id] = 1
             block_ids.append(block_id)
         self._num_inactive -= count
+        self.num_evicted += count
         if self._events is not None:
             self._events.add(BlockRemoved(removed, self.tier))
 

@@ -1,30 +1,30 @@
-"""Trace replay over the real per-tier block pools, eviction and admission policies.
+"""Trace replay over the connector's own code: its leader, tier managers and policies.
 
-Nothing here decides what a cache keeps: every tier is a :class:`~kvtier.pools.BlockPool`
-with the eviction policy and admission policy a deployment would configure, driven through
-the same calls the connector makes (``match``, ``allocate``, ``complete``, ``register``,
-``release``). The simulator only decides *which* calls a request causes:
+The device (G1) is vLLM's prefix cache, simulated by a :class:`~kvtier.pools.BlockPool` with
+the given eviction policy. Everything below it is the real :class:`~kvtier.leader.Leader` the
+vLLM connector runs, configured from the tier specs as a deployment would be (host, disk and
+remote tiers; their eviction and admission policies; the onboard-or-recompute decision), and
+driven through the calls the connector makes for each request:
 
-1. **Lookup, prefix semantics.** Walk the request's block keys in order; each key is served by
-   the fastest tier that holds it; stop at the first key no tier holds. The blocks before it
-   are hits, the rest are computed (prefill).
-2. **Device (G1).** The request needs all its blocks on the device: G1 hits are matched
-   (referenced), blocks served by a lower tier are onboarded (allocated and registered in G1),
-   computed blocks are allocated and registered. If G1 is smaller than the request, the leading
-   blocks that fit are kept.
-3. **Lower tiers (G2, G3, G4), inclusive write-through.** A hit in a lower tier is matched there
-   (its policy sees the hit). A block served from G3 or G4 is staged through G2 and registered
-   there. Every computed block is offered to every lower tier through that tier's admission
-   policy (KVBM's frequency filter for disk by default) and written if admitted. Nothing is
-   written on eviction (the tiers are inclusive, so a block evicted from G1 may still be below).
-4. **Release** tail-first, so a request's deepest blocks become evictable first (as vLLM does).
+1. **Device prefix.** The leading blocks G1 holds are hits (matched, referenced).
+2. **Lookup.** ``Leader.match`` walks the rest in the lower tiers (the fastest tier holding
+   each block, stopping at the first miss, G4 through probes) and decides how many leading
+   found blocks to load; the others are recomputed (``not_onboarded_blocks``). Only full
+   blocks are matched and never the whole prompt, as in the engine.
+3. **Onboard and offload.** ``begin_onboard`` plans the loads, ``progress`` offers the
+   request's full blocks, and stand-in workers execute every plan at once (a load from the
+   store fails if the store no longer holds the block), so the leader's own promotion,
+   write-through, admission and fan-out decide what each tier keeps.
+4. **Release** tail-first on the device, so a request's deepest blocks become evictable first
+   (as vLLM does).
 
-A single-tier replay (the policy comparison) is the same code with only G1.
+G4, the shared store, is simulated as a block pool of the spec's capacity. A single-tier
+replay (the policy comparison) keeps only G1 and skips the leader.
 
-Cost model (estimate): a hit served from tier ``t`` saves recomputing its tokens at
-``prefill_tokens_per_s`` and costs loading its bytes at ``t``'s bandwidth; a tier slower than
-recompute is not used for onboarding (the onboard-or-recompute decision), so a hit never costs
-more than it saves. G1 hits cost nothing.
+Cost model (estimate): a block loaded from tier ``t`` saves recomputing its tokens at
+``prefill_tokens_per_s`` and costs loading its bytes at ``t``'s bandwidth; the leader's
+onboard policy sees these rates instead of measured ones, so a tier slower than recompute is
+not used for onboarding and a hit never costs more than it saves. G1 hits cost nothing.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ from collections.abc import Callable, Sequence
 
 # Importing registers the extra eviction policies and the tinylfu admission policy by name.
 import kvtier.offload.tinylfu
+from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError
-from kvtier.offload.admission import AdmissionPolicy, make_admission_policy
+from kvtier.leader import Leader
+from kvtier.offload.admission import AdmissionPolicy
+from kvtier.offload.onboard import Ewma
 from kvtier.pools.block_pool import BlockPool
 from kvtier.pools.eviction import make_eviction_policy
+from kvtier.protocol import NO_SLOT, LoadResult, WorkerReport
 from kvtier.replay.stats import HitStats
 from kvtier.replay.trace import Trace
-from kvtier.tiers import Tier
+from kvtier.tiers import BlockKey, Tier
 
 # Registers the extra eviction policies (and, through them, the tinylfu admission policy).
 import kvtier.pools.policies  # noqa: F401  isort: skip
@@ -149,16 +153,13 @@ class ReplayResult:
 
 
 class _TierState:
-    __slots__ = ("admission", "onboard", "pool", "seconds_per_token", "spec", "stats")
+    __slots__ = ("pool", "seconds_per_token", "spec", "stats")
 
-    def __init__(self, spec: TierSpec, pool: BlockPool, admission: AdmissionPolicy | None,
-                 stats: TierStats, seconds_per_token: float, onboard: bool) -> None:
+    def __init__(self, spec: TierSpec, stats: TierStats, seconds_per_token: float) -> None:
         self.spec = spec
-        self.pool = pool
-        self.admission = admission
+        self.pool: BlockPool | None = None   # G1's, the leader's, or the simulated store
         self.stats = stats
         self.seconds_per_token = seconds_per_token  # load time per token, 0 for G1
-        self.onboard = onboard  # False: loading is slower than recompute, hits are recomputed
 
 
 class ReplaySimulator:
@@ -177,31 +178,82 @@ class ReplaySimulator:
         self.block_bytes = cost.bytes_per_token * block_tokens
         self.now_s = 0.0  # trace time, the clock of time-based policies (frequency filter)
         seconds_per_recompute = 1.0 / cost.prefill_tokens_per_s
+        self._seconds_per_recompute = seconds_per_recompute
         self._tiers: list[_TierState] = []
         for spec in specs:
-            policy = make_eviction_policy(spec.eviction, spec.num_blocks)
-            set_clock = getattr(policy, "set_clock", None)
-            if callable(set_clock):
-                set_clock(self._clock)
-            pool = BlockPool(spec.tier, spec.num_blocks, eviction=policy,
-                             block_size=block_tokens)
             admission_name = spec.admission or DEFAULT_ADMISSION[spec.tier]
-            admission = None
-            if spec.tier != Tier.G1:
-                options = {"clock": self._clock} if admission_name == "frequency" else {}
-                admission = make_admission_policy(admission_name, **options)
+            if spec.tier == Tier.G2 and admission_name != "always":
+                raise ConfigError(f"G2: admission {admission_name!r} is not supported: the "
+                                  "host tier takes every block offloaded from the device")
             gbps = None if spec.tier == Tier.G1 else (spec.read_gbps
                                                      or DEFAULT_READ_GBPS[spec.tier])
             per_token = 0.0 if gbps is None else cost.bytes_per_token / (gbps * 1e9)
             stats = TierStats(spec.tier, spec.num_blocks, spec.eviction,
                               admission_name if spec.tier != Tier.G1 else "-", gbps)
-            self._tiers.append(_TierState(spec, pool, admission, stats, per_token,
-                                          onboard=per_token < seconds_per_recompute))
-        self._host = next((t for t in self._tiers if t.spec.tier == Tier.G2), None)
-        self._seconds_per_recompute = seconds_per_recompute
+            self._tiers.append(_TierState(spec, stats, per_token))
+        self._by_tier = {state.spec.tier: state for state in self._tiers}
+        device = self._tiers[0]
+        device.pool = self._pool(device.spec)
+        self._leader: Leader | None = None
+        if len(self._tiers) > 1:
+            self._leader = self._build_leader()
+            self._workers = _ReplayWorkers(self._leader, self._by_tier.get(Tier.G4) and
+                                           self._by_tier[Tier.G4].pool,
+                                           {t.spec.tier: t.stats for t in self._tiers[1:]})
+
+    def _pool(self, spec: TierSpec) -> BlockPool:
+        policy = make_eviction_policy(spec.eviction, spec.num_blocks)
+        set_clock = getattr(policy, "set_clock", None)
+        if callable(set_clock):
+            set_clock(self._clock)
+        return BlockPool(spec.tier, spec.num_blocks, eviction=policy,
+                         block_size=self.block_tokens)
+
+    def _build_leader(self) -> Leader:
+        """The connector's leader over the lower tiers, configured as a deployment would be,
+        with the workers' measured bandwidths replaced by the cost model's."""
+        specs = self._by_tier
+        g2, g3, g4 = specs.get(Tier.G2), specs.get(Tier.G3), specs.get(Tier.G4)
+        config = KvtierConfig(
+            host_cache_blocks=g2.spec.num_blocks if g2 else 0,
+            host_eviction_policy=g2.spec.eviction if g2 else "lru",
+            disk_cache_blocks=g3.spec.num_blocks if g3 else 0,
+            disk_eviction_policy=g3.spec.eviction if g3 else "lru",
+            disk_admission=g3.stats.admission if g3 else "frequency",
+            disk_dir="(replay)" if g3 else "",
+            remote_url="replay://store" if g4 else "",
+            remote_admission=g4.stats.admission if g4 else "always",
+            onboard_mode="auto")
+        leader = Leader(config, block_tokens=self.block_tokens, block_bytes=self.block_bytes,
+                        max_blocks_per_request=1 << 20, clock=self._clock)
+        onboard = leader.onboard
+        onboard.prefill_rate = Ewma(self.cost.prefill_tokens_per_s)
+        for tier in (Tier.G2, Tier.G3, Tier.G4):
+            state = specs.get(tier)
+            if state is not None:
+                onboard.bandwidth[tier] = Ewma(self.cost.bytes_per_token
+                                               / state.seconds_per_token)
+        for state, manager in ((g2, leader.host), (g3, leader.disk), (g4, leader.remote)):
+            if state is None:
+                continue
+            if manager is leader.remote:
+                state.pool = self._pool(state.spec)   # the store
+            else:
+                state.pool = manager.pool
+                set_clock = getattr(state.pool.eviction, "set_clock", None)
+                if callable(set_clock):
+                    set_clock(self._clock)
+            if manager is not leader.host:
+                manager.admission = _CountingAdmission(manager.admission, state.stats)
+        return leader
 
     def _clock(self) -> float:
         return self.now_s
+
+    @property
+    def leader(self) -> Leader | None:
+        """The connector's leader the lower tiers run in (None for a device-only replay)."""
+        return self._leader
 
     @property
     def pools(self) -> list[BlockPool]:
@@ -215,7 +267,7 @@ class ReplaySimulator:
         baseline_s = saved_s = 0.0
         per_recompute = self._seconds_per_recompute
         single = len(self._tiers) == 1
-        for request in trace.requests:
+        for number, request in enumerate(trace.requests):
             self.now_s = request.timestamp_ms / 1000.0
             if single:
                 hits = self._serve_device_only(request.hash_ids)
@@ -225,7 +277,8 @@ class ReplaySimulator:
                 g1.tokens_hit += min(hits * self.block_tokens, request.input_length)
                 g1.ttft_saved_s += saved
             else:
-                hits, saved = self._serve(request.hash_ids, request.input_length)
+                hits, saved = self._serve(str(number), request.hash_ids,
+                                          request.input_length)
             total.add(len(request.hash_ids), hits, request.input_length, self.block_tokens)
             baseline_s += request.input_length * per_recompute
             saved_s += saved
@@ -233,6 +286,7 @@ class ReplaySimulator:
                 progress(1)
         for state in self._tiers[1:]:  # G1 fills are computes and onboards, not offloads
             state.stats.offload_bytes = state.stats.blocks_written * self.block_bytes
+            state.stats.evictions = state.pool.num_evicted
         return ReplayResult(source=trace.source, block_tokens=self.block_tokens,
                             block_bytes=self.block_bytes, total=total,
                             tiers=[t.stats for t in self._tiers],
@@ -257,121 +311,141 @@ class ReplaySimulator:
         pool.release(held)
         return hits
 
-    # -- several tiers ---------------------------------------------------------------------------
-    def _serve(self, keys: Sequence[int], input_length: int) -> tuple[int, float]:
-        tiers = self._tiers
-        block_tokens = self.block_tokens
-        # 1. Which tier serves each leading key (the fastest holding it); stop at the first miss.
-        sources: list[int] = []
-        for key in keys:
-            for idx, state in enumerate(tiers):
-                if key in state.pool:
-                    sources.append(idx)
-                    break
-            else:
-                break
-        hits = len(sources)
-        # A hit that a too-slow tier would serve is recomputed instead, and so is everything
-        # after it (the prefix must be contiguous on the device).
-        usable = hits
-        for pos, idx in enumerate(sources):
-            if not tiers[idx].onboard:
-                usable = pos
-                break
-        saved = 0.0
-        for pos in range(hits):
-            state = tiers[sources[pos]]
-            tokens = min(block_tokens, input_length - pos * block_tokens)
+    # -- several tiers: the connector's own leader ----------------------------------------------
+    def _serve(self, req_id: str, keys: Sequence[int], input_length: int) -> tuple[int, float]:
+        leader, bt = self._leader, self.block_tokens
+        tokens = range(input_length)   # stands in for the tokens: block_keys are the hashes
+        g1_hits = self._tiers[0].pool.lookup(keys)
+        external = leader.match(req_id, tokens, g1_hits * bt, block_keys=keys)
+        while external is None:          # the disk index or a G4 probe answer is on its way
+            self._workers.step()
+            external = leader.match(req_id, tokens, g1_hits * bt, block_keys=keys)
+        num_loaded = external // bt
+        leader.begin_onboard(req_id, range(len(keys)), external)
+        self._workers.step()
+        failed = self._workers.failed_loads.pop(req_id, ())
+        device = self._tiers[0]
+        device.stats.blocks_hit += g1_hits
+        g1_tokens = min(g1_hits * bt, input_length)
+        device.stats.tokens_hit += g1_tokens
+        saved = g1_tokens * self._seconds_per_recompute
+        device.stats.ttft_saved_s += saved
+        hits = g1_hits
+        for pos, tier in enumerate(leader.found_tiers(req_id)):
+            if pos in failed:
+                continue   # the store lost it: computed after all
+            state = self._by_tier[tier]
             stats = state.stats
             stats.blocks_hit += 1
-            stats.tokens_hit += tokens
-            if pos < usable:
-                gain = tokens * (self._seconds_per_recompute - state.seconds_per_token)
+            stats.tokens_hit += bt
+            hits += 1
+            if pos < num_loaded:
+                gain = bt * (self._seconds_per_recompute - state.seconds_per_token)
                 stats.ttft_saved_s += gain
+                stats.onboard_bytes += bt * self.cost.bytes_per_token
                 saved += gain
-                if state.seconds_per_token:
-                    stats.onboard_bytes += tokens * self.cost.bytes_per_token
             else:
                 stats.not_onboarded_blocks += 1
-
-        # 2. Lower tiers see their own hits (recency/frequency), then release them.
-        for idx in range(1, len(tiers)):
-            run_keys = [keys[pos] for pos in range(usable) if sources[pos] == idx]
-            if run_keys:
-                self._touch_lower(tiers[idx], run_keys)
-
-        # 3. The device holds the whole request: G1 hits matched, the rest allocated.
-        device = tiers[0]
-        held = self._place_on_device(device, keys, sources, usable)
-
-        # 4. Staging and write-through into the lower tiers.
-        computed = keys[usable:]
-        for state in tiers[1:]:
-            to_write: list[int] = []
-            if state is self._host:
-                to_write.extend(keys[pos] for pos in range(usable)
-                                if tiers[sources[pos]].spec.tier > Tier.G2)
-            admission = state.admission
-            for key in computed:
-                state.stats.offers += 1
-                if admission.admit(key):
-                    to_write.append(key)
-                else:
-                    state.stats.rejected += 1
-            if to_write:
-                self._write(state, to_write)
-
+        held = self._place_on_device(device, keys, g1_hits)
+        leader.progress(req_id, tokens, input_length, range(len(keys)), block_keys=keys)
+        while leader.busy:
+            self._workers.step()
+        leader.finish(req_id)
         held.reverse()
         device.pool.release(held)
         return hits, saved
 
-    def _touch_lower(self, state: _TierState, run_keys: list[int]) -> None:
-        pool = state.pool
-        held: list[int] = []
-        for key in run_keys:  # keys served here need not be contiguous in the request
-            held += pool.match((key,))
-        held.reverse()
-        pool.release(held)
-
-    def _place_on_device(self, device: _TierState, keys: Sequence[int], sources: list[int],
-                         usable: int) -> list[int]:
+    def _place_on_device(self, device: _TierState, keys: Sequence[int],
+                         num_cached: int) -> list[int]:
+        """The device prefix cache holds the whole request: its ``num_cached`` leading blocks
+        are matched, the rest (loaded or computed) allocated; if the device is smaller than the
+        request, the leading blocks that fit are kept."""
         pool = device.pool
-        held: list[int] = []
-        pos, num = 0, len(keys)
-        while pos < num:
-            from_device = pos < usable and sources[pos] == 0
-            end = pos + 1
-            while end < num and (end < usable and sources[end] == 0) == from_device:
-                end += 1
-            if from_device:
-                held += pool.match(keys[pos:end])
-            else:
-                room = min(end - pos, pool.num_free + pool.num_inactive)
-                if room:
-                    device.stats.evictions += max(0, room - pool.num_free)
-                    fresh = pool.allocate(room)
-                    pool.complete(fresh)
-                    held += pool.register(fresh, keys[pos:pos + room],
-                                          parent=keys[pos - 1] if pos else None)
-                    device.stats.blocks_written += room
-                if room < end - pos:
-                    break  # the device is full of this request: keep the leading blocks
-            pos = end
+        held = pool.match(keys[:num_cached])
+        room = min(len(keys) - num_cached, pool.num_free + pool.num_inactive)
+        if room:
+            device.stats.evictions += max(0, room - pool.num_free)
+            fresh = pool.allocate(room)
+            pool.complete(fresh)
+            held += pool.register(fresh, keys[num_cached:num_cached + room],
+                                  parent=keys[num_cached - 1] if num_cached else None)
+            device.stats.blocks_written += room
         return held
 
-    def _write(self, state: _TierState, keys: list[int]) -> None:
-        pool = state.pool
-        keys = [key for key in keys if key not in pool]
-        room = min(len(keys), pool.num_free + pool.num_inactive)
-        if not room:
-            return
-        state.stats.evictions += max(0, room - pool.num_free)
-        fresh = pool.allocate(room)
-        pool.complete(fresh)
-        held = pool.register(fresh, keys[:room])
-        state.stats.blocks_written += room
-        held.reverse()
-        pool.release(held)
+
+class _CountingAdmission(AdmissionPolicy):
+    """A tier's admission policy, with its offers and refusals counted into the tier's stats."""
+
+    def __init__(self, policy: AdmissionPolicy, stats: TierStats) -> None:
+        self.policy, self.stats = policy, stats
+        self.name = policy.name
+
+    def admit(self, key: BlockKey) -> bool:
+        self.stats.offers += 1
+        admitted = self.policy.admit(key)
+        if not admitted:
+            self.stats.rejected += 1
+        return admitted
+
+
+class _ReplayWorkers:
+    """The workers, for a replay: every planned transfer lands at once and intact, except a
+    remote read of a block the simulated store no longer holds. The store (G4) is a block pool
+    of its spec's capacity and eviction policy, shared by nobody else."""
+
+    def __init__(self, leader: Leader, store: BlockPool | None,
+                 stats: dict[Tier, TierStats]) -> None:
+        self.leader = leader
+        self.store = store
+        self.stats = stats
+        self.failed_loads: dict[str, set[int]] = {}
+        self._first = True
+
+    def step(self) -> None:
+        plan = self.leader.take_plan()
+        # The first report carries the disk index of the previous run: none.
+        report = WorkerReport(recovered=[] if self._first else None)
+        self._first = False
+        written = dict.fromkeys(Tier, 0)
+        for op in plan.loads:
+            remote = set(op.remote_idx)
+            failed = [i for i, (slot, key) in enumerate(zip(op.g2_slots, op.keys))
+                      if slot == NO_SLOT or i in remote and not self._get(key)]
+            if failed:
+                self.failed_loads[op.req_id] = set(failed)
+            # Staged blocks that arrived are promoted into a caching host tier.
+            written[Tier.G2] += sum(1 for i, g3 in enumerate(op.g3_slots)
+                                    if (g3 != NO_SLOT or i in remote) and i not in failed)
+            report.loads.append(LoadResult(op.req_id, failed, [], op_id=op.op_id))
+        written[Tier.G2] += len(plan.stores)
+        written[Tier.G3] = len(plan.disk_writes)
+        for key in plan.remote_puts.keys:
+            written[Tier.G4] += self._put(key)
+        report.ops_ok.extend(plan.stores.op_ids)
+        report.ops_ok.extend(plan.disk_writes.op_ids)
+        report.ops_ok.extend(plan.remote_puts.op_ids)
+        for op_id, keys in plan.remote_probes.items():
+            present = 0
+            while present < len(keys) and keys[present] in self.store:
+                present += 1
+            report.remote_present[op_id] = present
+        for tier, stats in self.stats.items():
+            stats.blocks_written += written.get(tier, 0)
+        self.leader.on_report(report)
+
+    def _get(self, key: BlockKey) -> bool:
+        held = self.store.match((key,))
+        self.store.release(held)
+        return bool(held)
+
+    def _put(self, key: BlockKey) -> int:
+        store = self.store
+        if key in store:
+            return 0
+        fresh = store.allocate(1)
+        store.complete(fresh)
+        store.release(store.register(fresh, [key]))
+        return 1
 
 
 def replay(trace: Trace, tiers: Sequence[TierSpec], *, cost: CostModel,
