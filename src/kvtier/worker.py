@@ -127,8 +127,9 @@ class Worker:
                                     fingerprint, o_direct=self.config.disk_o_direct,
                                     io_threads=self.config.disk_io_threads)
             self._report.recovered = self.disk.recover()
-            logger.info("kvtier: disk tier of %d blocks in %s, %d recovered", self.layout.num_g3_slots,
-                        directory, len(self._report.recovered))
+            # DiskStorage logs the tier at INFO (slots, recovered blocks, I/O mode).
+            logger.debug("kvtier: disk tier of %d blocks in %s, %d recovered",
+                         self.layout.num_g3_slots, directory, len(self._report.recovered))
         self.engine = TransferEngine(device=self.device, arena=self.arena, disk=self.disk,
                                      max_batch_blocks=self.config.max_transfer_batch_blocks,
                                      max_concurrent=self.config.max_concurrent_transfers)

@@ -3,6 +3,8 @@ loopback, started by the fixtures): data path, Mooncake's own semantics, and fau
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from remote_cases import FINGERPRINT, OTHER_FINGERPRINT, empty_like, make_blocks, views, wait_for
@@ -211,3 +213,79 @@ def test_stalled_transfer_keeps_buffers_fenced_until_drained(make_mooncake, requ
     assert all(backend.batch_get_into(keys, views(out)))
     assert np.array_equal(out, rows)
     backend.close()
+
+
+# -- nobody lends the store memory ------------------------------------------------------------
+# A Mooncake Store holds only memory that clients lend it. ``segment_mb=0`` below starts the
+# master with a storage process that lends nothing: the store a user has who runs only
+# ``mooncake_master`` with kvtier's default ``segment_mb=0``.
+
+NO_MEMORY = "has no memory to store blocks into"
+
+
+def _no_memory_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and NO_MEMORY in r.getMessage()]
+
+
+def test_store_without_memory_warns_once_naming_the_fix(make_mooncake, request, caplog):
+    server = make_mooncake(segment_mb=0)
+    namespace = _namespace(request.node.name)
+    keys, rows = make_blocks(4, BLOCK, seed=10)
+    caplog.set_level(logging.INFO, logger="kvtier.storage.remote.mooncake")
+    with make_backend(server.url, namespace=namespace, timeout_s=TIMEOUT_S) as backend:
+        for _ in range(3):
+            assert backend.batch_put(keys, views(rows)) == [False] * 4
+        # The store declined (FULL): counted as failed puts, not an outage.
+        assert backend.stats["put_failures"] == 12 and backend.stats["puts"] == 0
+        assert backend.stats["errors"] == 0 and backend.healthy
+        warnings = _no_memory_warnings(caplog)
+        assert len(warnings) == 1, warnings
+        assert "mooncake_client" in warnings[0] and "segment_mb=N" in warnings[0]
+        assert server.master_address in warnings[0]
+
+        # An instance that lends memory (segment_mb) stores; the first client then can too.
+        with make_backend(f"{server.url}&segment_mb=64", namespace=namespace,
+                          timeout_s=TIMEOUT_S) as lender:
+            assert lender.batch_put(keys[:2], views(rows[:2])) == [True, True]
+            assert wait_for(lambda: all(backend.batch_put(keys, views(rows))))
+            out = empty_like(rows)
+            assert backend.batch_get_into(keys, views(out)) == [True] * 4
+            assert np.array_equal(out, rows)
+    assert len(_no_memory_warnings(caplog)) == 1
+    assert any("accepts puts now" in r.getMessage() for r in caplog.records)
+
+
+def test_store_without_memory_counts_dropped_g4_offloads(make_mooncake, tiny_model, request,
+                                                         caplog):
+    """Under vLLM's real scheduler: every G4 offload to a store without memory is dropped and
+    counted (``kvtier_dropped_offloads{tier="G4"}``), the tier stays healthy (it is not down),
+    and the engine warns once. With ``segment_mb`` the same offloads land in the store."""
+    from sched_harness import BLOCK as TOKENS
+    from sched_harness import make_harness
+
+    server = make_mooncake(segment_mb=0)
+    prompt = [3 + (i * 37) % 1000 for i in range(10 * TOKENS + 5)]  # 10 full blocks
+    caplog.set_level(logging.INFO, logger="kvtier.storage.remote.mooncake")
+    results = {}
+    for case, url in (("no memory", server.url), ("segment_mb", f"{server.url}&segment_mb=64")):
+        h = make_harness(tiny_model, {"remote_url": url, "host_cache_blocks": 64,
+                                      "model_id": f"test/{request.node.name}/{len(results)}",
+                                      "remote_timeout_ms": 1000})
+        try:
+            h.add("r0", prompt)
+            h.run()
+            h.drain()
+            metrics = h.leader.metrics
+            results[case] = {
+                "dropped": metrics.value("kvtier_dropped_offloads", tier="G4"),
+                "stored": metrics.value("kvtier_transfer_blocks", direction="g2_to_g4"),
+                "put_failures": metrics.value("kvtier_remote_events", event="put_failures"),
+                "healthy": metrics.value("kvtier_remote_healthy")}
+        finally:
+            h.worker.shutdown()
+    assert results["no memory"] == {"dropped": 10, "stored": 0, "put_failures": 10,
+                                    "healthy": 1}, results
+    assert results["segment_mb"] == {"dropped": 0, "stored": 10, "put_failures": 0,
+                                     "healthy": 1}, results
+    assert len(_no_memory_warnings(caplog)) == 1

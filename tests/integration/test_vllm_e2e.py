@@ -13,6 +13,7 @@ verification (the ``onboard.bypass`` fault hook), the same check must fail.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from servers import free_port
@@ -27,6 +28,15 @@ from kvtier.storage.host import slot_bytes_for
 pytestmark = pytest.mark.slow
 
 CONNECTOR = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_logs_in_log_files():
+    """vLLM logs to stdout, which ``run_job_process`` reads for the result only: send vLLM's
+    log (and kvtier's, which follows it) to stderr, so each engine's log file holds it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +153,7 @@ def damaged(tiny_model, flat, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("logs") / "damaged.log")
     result = run_job_process(j, log_path=log)
     assert result["faults_fired"] == 4
+    result["log_path"] = log
     return [other] + [longest] * (1 + len(DAMAGES)), result
 
 
@@ -173,3 +184,20 @@ def test_corrupt_host_block_is_counted_and_recomputed(damaged):
     _, result = damaged
     assert result["metrics"].get("kvtier_checksum_failures_total", 0) >= 1
     assert result["metrics"].get("kvtier_load_errors_total", 0) >= 1
+
+
+# vLLM's format: "(PROCESS pid=N) LEVEL MM-DD HH:MM:SS [FILE:LINE] message" (vllm/logger.py).
+VLLM_INFO_LINE = re.compile(r"\(.+ pid=\d+\) INFO \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]+:\d+\] ")
+
+
+def test_kvtier_startup_line_in_the_engine_log(damaged):
+    """kvtier's start-up summary reaches vLLM's log once, in vLLM's format (``kvtier.logs``;
+    without it kvtier's INFO lines reach no handler at all)."""
+    _, result = damaged
+    with open(result["log_path"]) as f:
+        lines = [line.rstrip("\n") for line in f if "kvtier: tiers " in line]
+    assert len(lines) == 1, lines
+    prefix = VLLM_INFO_LINE.match(lines[0])
+    assert prefix, lines[0]
+    assert lines[0][prefix.end():].startswith("kvtier: tiers G2 host 1.00 GB ("), lines[0]
+    assert "hash_mode=xxh3, onboard_mode=always" in lines[0]

@@ -38,12 +38,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.v1.utils import tensor_data
 
-from kvtier.config import KvtierConfig, load_config
+from kvtier.config import KvtierConfig, load_config, redact_url
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.events import types as ev
 from kvtier.hashing import MmItem, RequestKeys
 from kvtier.leader import Leader, plan_tier_layout
-from kvtier.protocol import StepPlan, WorkerReport
+from kvtier.logs import follow_engine_logging
+from kvtier.protocol import StepPlan, TierLayout, WorkerReport
 from kvtier.tiers import Tier
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class KvtierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        follow_engine_logging("vllm")  # kvtier's lines in vLLM's log, in vLLM's format
         self.config = _load(self._kv_transfer_config.kv_connector_extra_config or {})
         self.block_tokens = vllm_config.cache_config.block_size
         model_id = self.config.model_id or str(vllm_config.model_config.model)
@@ -114,7 +116,9 @@ class KvtierConnector(KVConnectorBase_V1):
             if self.config.events_endpoint:
                 from kvtier.events.publisher import ZmqEventPublisher
                 self._publisher = ZmqEventPublisher(self.config.events_endpoint)
-            logger.info("kvtier leader: %s; tiers %s", self.config.describe(), layout)
+            logger.info("%s", startup_summary(self.config, layout, self.block_tokens,
+                                              vllm_config.parallel_config.world_size))
+            logger.debug("kvtier: settings other than the defaults: %s", self.config.describe())
         else:
             from kvtier.worker import Worker  # torch-side code only in worker processes
             rank = vllm_config.parallel_config.rank
@@ -239,6 +243,31 @@ def _load(extra: dict[str, Any]) -> KvtierConfig:
                           " disk_cache_gb with disk_dir, and/or remote_url in "
                           "kv_connector_extra_config")
     return config
+
+
+def startup_summary(config: KvtierConfig, layout: TierLayout, block_tokens: int,
+                    world_size: int = 1) -> str:
+    """The one start-up line of the scheduler side: each tier with its size in GB (the whole
+    engine's, all ranks) and blocks, the remote URL without credentials, the hash and onboard
+    modes."""
+    engine_block_bytes = layout.block_bytes * max(world_size, 1)
+
+    def size(num_blocks: int) -> str:
+        gb = num_blocks * engine_block_bytes / 1e9
+        shown = f"{gb:.2f}" if gb >= 0.1 else f"{gb:.2g}"  # 2.00 GB, 0.26 GB, 0.00052 GB
+        return f"{shown} GB ({num_blocks} blocks)"
+
+    tiers = []
+    if layout.num_g2_slots:
+        kind = "host" if config.has_host else "host staging (G3/G4 transfers only, no cache)"
+        tiers.append(f"G2 {kind} {size(layout.num_g2_slots)}")
+    if layout.num_g3_slots:
+        tiers.append(f"G3 disk {size(layout.num_g3_slots)} in {config.disk_dir}")
+    if config.has_remote:
+        tiers.append(f"G4 remote {redact_url(config.remote_url)}")
+    return (f"kvtier: tiers {', '.join(tiers)}; hash_mode={config.hash_mode}, "
+            f"onboard_mode={config.onboard_mode}; block {block_tokens} tokens, "
+            f"{engine_block_bytes} B over {max(world_size, 1)} rank(s)")
 
 
 def _request_keys(request: Request) -> RequestKeys:

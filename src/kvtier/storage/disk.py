@@ -237,6 +237,8 @@ class DiskStorage:
         self._journal_records = 0
         self._compact_after = 2 * num_slots + 4096  # records, before an online compaction
         self._journal_error_logged = False  # the first journal error logs a warning, later ones
+        # ("write" | "read", reason) pairs already warned about: later ones log at debug.
+        self._failures_logged: set[tuple[str, str]] = set()
         self._heal_at = 0.0  # degraded: monotonic time of the next journal rewrite attempt
         self._pool: ThreadPoolExecutor | None = None
         try:
@@ -663,9 +665,23 @@ class DiskStorage:
                 self.stats.dropped_writes += dropped
                 self.stats.write_errors.update(errors)
         if errors:
-            logger.warning("disk tier %s: %d of %d block writes failed (%s)", self.directory,
-                           n - len(written), n, dict(errors))
+            self._log_failures("write", n - len(written), n, errors)
         return ok
+
+    def _log_failures(self, what: str, num_failed: int, num: int, reasons: Counter) -> None:
+        """The first failure of each kind (write or read, reason) logs a warning; later ones
+        are counted in ``stats`` and logged at debug, so a full or failing disk does not
+        repeat the same warning every step."""
+        with self._lock:
+            new = {(what, reason) for reason in reasons} - self._failures_logged
+            self._failures_logged |= new
+        if new:
+            logger.warning("disk tier %s: %d of %d block %ss failed (%s); later %s failures "
+                           "of this kind are counted, logged at debug", self.directory,
+                           num_failed, num, what, dict(reasons), what)
+        else:
+            logger.debug("disk tier %s: %d of %d block %ss failed (%s)", self.directory,
+                         num_failed, num, what, dict(reasons))
 
     def _refuse(self, n: int, reason: str) -> list[bool]:
         """Every block of a write fails for ``reason`` (counted, logged at debug)."""
@@ -733,8 +749,7 @@ class DiskStorage:
             self.stats.bytes_read += good * self.slot_bytes
             self.stats.failed_reads.update(reasons)
         if good != n:
-            logger.warning("disk tier %s: %d of %d block reads failed (%s)", self.directory,
-                           n - good, n, dict(reasons))
+            self._log_failures("read", n - good, n, reasons)
         return ok
 
     def _map(self, fn, runs: list):

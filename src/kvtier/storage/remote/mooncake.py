@@ -15,7 +15,12 @@ RDMA). Mooncake behaviours handled here (reference/PEERS.md §4):
 - a missing key is -704 (OBJECT_NOT_FOUND): a miss; -707 (lease expired mid-read) too;
 - every read takes a lease (10 s), so removing a corrupt value uses ``force=True``;
 - the master may evict at any time: ``batch_exists`` is a hint, a later get may miss;
-- ``health_check()`` reports 0 even with the master stopped, so ``probe`` asks ``is_exist``.
+- ``health_check()`` reports 0 even with the master stopped, so ``probe`` asks ``is_exist``;
+- the store holds only memory that clients lend it (``mooncake_client`` storage processes, or
+  instances with ``segment_mb`` > 0). With none, every put fails with NO_AVAILABLE_HANDLE
+  ("insufficient space" in Mooncake's log): reported FULL (a dropped offload, not an outage)
+  and, while no put of this client has succeeded yet, warned about once per store and
+  process, naming the fix.
 
 The client's ``setup`` holds the GIL and retries forever when the master does not answer, so
 construction first checks that the master's RPC port accepts connections and that the metadata
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import urllib.error
 import urllib.request
 from urllib.parse import parse_qsl, urlsplit
@@ -34,6 +40,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 from mooncake.store import MooncakeDistributedStore
 
+from kvtier.config import redact_url
 from kvtier.errors import ConfigError, StorageError
 from kvtier.storage.remote.base import (
     CORRUPT,
@@ -60,6 +67,10 @@ RPC_FAIL = -900
 _PARAMS = ("metadata", "protocol", "local_host", "segment_mb", "buffer_mb", "rdma_devices")
 _PROBE_KEY = "kvtier/probe"
 
+# Stores (redacted URLs) this process has warned about having no memory to store into.
+_WARNED_NO_CAPACITY: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
 
 @register_backend
 class MooncakeBackend(RemoteBackend):
@@ -73,6 +84,11 @@ class MooncakeBackend(RemoteBackend):
         local_host = opts["local_host"] or _local_address_towards(host, port)
         self._store_client = MooncakeDistributedStore()
         self._registered: list[int] = []
+        self._segment_mb = opts["segment_mb"]
+        self._master_address = f"{host}:{port}"
+        self._metadata = opts["metadata"]
+        self._stored_any = False  # a put of this client has succeeded (the store has memory)
+        self._warned_no_capacity = False
         rc = self._store_client.setup(local_host, opts["metadata"], opts["segment_mb"] << 20,
                                       opts["buffer_mb"] << 20, opts["protocol"],
                                       opts["rdma_devices"], f"{host}:{port}")
@@ -91,7 +107,36 @@ class MooncakeBackend(RemoteBackend):
     def _store(self, names: list[str], views: list[memoryview]) -> list[int]:
         codes = self._store_client.batch_put_from(names, [_address(v) for v in views],
                                                   [v.nbytes for v in views])
-        return [_put_outcome(code) for code in codes]
+        outcomes = [_put_outcome(code) for code in codes]
+        if not self._stored_any:
+            self._note_capacity(codes, outcomes)
+        return outcomes
+
+    def _note_capacity(self, codes: list[int], outcomes: list[int]) -> None:
+        """Until a put succeeds: a batch refused whole for lack of room means, most likely,
+        that nobody lends the store memory. Say so once, with the fix."""
+        if 0 in outcomes:
+            self._stored_any = True
+            if self._warned_no_capacity:
+                logger.info("mooncake store %s accepts puts now; G4 in use", self.url)
+            return
+        if not codes or any(code != NO_AVAILABLE_HANDLE for code in codes):
+            return
+        with _WARNED_LOCK:
+            if self.url in _WARNED_NO_CAPACITY:
+                return
+            _WARNED_NO_CAPACITY.add(self.url)
+        self._warned_no_capacity = True
+        lent = (f"this client's segment_mb={self._segment_mb} is too little" if self._segment_mb
+                else "this client lends none (segment_mb=0)")
+        logger.warning(
+            "mooncake store %s has no memory to store blocks into: every put fails with "
+            "NO_AVAILABLE_HANDLE and %s. The store holds only memory its clients lend it: run "
+            "a storage process (mooncake_client --master_server_address=%s --metadata_server=%s"
+            " --global_segment_size=4GB) or add segment_mb=N to remote_url (this engine then "
+            "lends N MB). Until then G4 stays empty and its puts count in "
+            "kvtier_dropped_offloads{tier=\"G4\"}", self.url, lent, self._master_address,
+            redact_url(self._metadata))
 
     def _fetch(self, names: list[str], views: list[memoryview]) -> list[int]:
         sizes = self._store_client.batch_get_into(names, [_address(v) for v in views],
