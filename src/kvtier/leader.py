@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvtier.config import KvtierConfig
-from kvtier.events.types import EventBuffer
+from kvtier.events.types import BlockOrigin, EventBuffer
 from kvtier.hashing import BlockHasher, RequestKeys
 from kvtier.managers.disk import DiskManager
 from kvtier.managers.host import HostManager
@@ -66,6 +66,7 @@ class _Request:
     keys: RequestKeys   # what its KV depends on besides its tokens
     salt: int
     hashes: list[BlockKey] = dataclasses.field(default_factory=list)
+    tokens: Sequence[int] = ()   # the engine's token list, as last seen (for KV events)
     # Leading blocks already considered for offload (stored, deduplicated or dropped).
     num_offered: int = 0
     # The last match() answer: first block index and the tier of each block to load.
@@ -179,6 +180,7 @@ class Leader:
             return 0
         if self.disk is not None and not self.disk.ready():
             return None
+        req.tokens = token_ids
         self._hash_upto(req, token_ids, len(token_ids), block_keys)
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
@@ -216,8 +218,10 @@ class Leader:
             logger.error("request %s: engine expects %d blocks but %d were matched; the rest "
                          "is recomputed", req_id, num_blocks, len(tiers))
         keys = req.hashes[start:start + len(tiers)] if req is not None else []
+        origins = ([self._origin(req, start + i) for i in range(len(keys))]
+                   if self.events is not None and req is not None else None)
         self.loads.begin(req_id, device_block_ids, start, keys, tiers, num_blocks,
-                         sync=req is not None and req.match_sync)
+                         sync=req is not None and req.match_sync, origins=origins)
 
     def progress(self, req_id: str, token_ids: Sequence[int], num_valid_tokens: int,
                  device_block_ids: Sequence[int], priority: int = 100,
@@ -231,11 +235,12 @@ class Leader:
         num_full = min(num_valid_tokens // self.block_tokens, len(device_block_ids))
         if num_full <= req.num_offered:
             return
+        req.tokens = token_ids
         self._hash_upto(req, token_ids, num_full * self.block_tokens, block_keys)
         num_full = min(num_full, len(req.hashes))
         if priority >= self.config.offload_min_priority:
             for i in range(req.num_offered, num_full):
-                self.offloads.offer(req.hashes[i], device_block_ids[i])
+                self.offloads.offer(req.hashes[i], device_block_ids[i], self._origin(req, i))
         # else the priority gate (KVBM): below the minimum, nothing of it is offloaded.
         req.num_offered = num_full
 
@@ -421,6 +426,14 @@ class Leader:
         extra = self.hasher.extra_keys(req.keys, have, want - have)
         req.hashes.extend(self.hasher.hash_blocks(tokens, salt=req.salt, parent=parent,
                                                   extra_keys=extra))
+
+    def _origin(self, req: _Request, block: int) -> BlockOrigin | None:
+        """Block ``block``'s parent key and tokens for its Stored events (None: events off)."""
+        if self.events is None:
+            return None
+        bt = self.block_tokens
+        return BlockOrigin(req.hashes[block - 1] if block else None,
+                           list(req.tokens[block * bt:(block + 1) * bt]), req.keys.lora_name)
 
     def _tiers_of_prefix(self, req: _Request, start: int, limit: int,
                          remote: RemoteManager | None) -> list[Tier]:

@@ -124,6 +124,7 @@ def test_a_rank_lagging_past_the_deadline_fails_the_op_and_its_late_report_only_
     leader.on_reports([])
     assert leader.g2.num_registered == 0
     assert leader.g2.num_active == 2, "rank 1 may still be writing the slots"
+    assert leader.metrics.value("kvtier_rank_timeouts", kind="Store") == 2
     # The keys were handed back: the same blocks can be offloaded again meanwhile.
     again = stores(leader, "b", tokens_of(2))
     assert len(again) == 2 and set(again.dst).isdisjoint(plan.dst)

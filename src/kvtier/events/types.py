@@ -7,6 +7,7 @@ them, AllBlocksCleared empties the set) holds exactly the keys that tier's pool 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from kvtier.tiers import BlockKey, Tier
 
@@ -20,6 +21,17 @@ class BlockStored:
     block_size: int
     tier: Tier
     token_ids: list[int] | None = None  # block_size tokens per block, when the caller gave them
+    lora_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockOrigin:
+    """What a Stored event tells a KV-aware router about one block besides its key: the key
+    before it in its request's chain, its tokens and its LoRA, so the router can build the
+    prefix tree."""
+
+    parent: BlockKey | None
+    token_ids: Sequence[int] | None = None
     lora_name: str | None = None
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kvtier.events.types import EventBuffer
+from kvtier.events.types import BlockOrigin, EventBuffer
+from kvtier.managers.host import register_one
 from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
 from kvtier.pools.block_pool import BlockPool
@@ -95,7 +96,8 @@ class DiskManager:
         self._writing.add(key)
         return slots[0]
 
-    def complete_store(self, slot: int, key: BlockKey, ok: bool, timed_out: bool) -> None:
+    def complete_store(self, slot: int, key: BlockKey, ok: bool, timed_out: bool,
+                       origin: BlockOrigin | None = None) -> None:
         if not timed_out:
             self._writing.discard(key)
         if not ok:
@@ -103,7 +105,7 @@ class DiskManager:
             self.metrics.dropped_offloads.labels("G3").inc()
             return
         self.pool.complete([slot])
-        self.pool.release(self.pool.register([slot], [key]))
+        self.pool.release([register_one(self.pool, slot, key, origin)])
 
     def abandon(self, key: BlockKey) -> None:
         """A write of ``key`` timed out: another may be planned (its slot stays pinned)."""

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
+from kvtier.events.types import BlockOrigin
 from kvtier.managers.disk import DiskManager
 from kvtier.managers.host import HostManager
 from kvtier.managers.operations import Operation, Operations
@@ -31,6 +32,7 @@ class _Load:
     first_block: int                  # request block index of op's block 0
     source_tiers: list[Tier | None]   # None: nothing to load (the block failed to pin)
     g3_pins: list[int]                # G3 blocks pinned while they are read
+    origins: Sequence[BlockOrigin] | None   # per block, for Stored events of promotions
     # Reported by any rank so far (a block is good only if it is good on every rank).
     failed: set[int] = dataclasses.field(default_factory=set)
     corrupt: set[int] = dataclasses.field(default_factory=set)
@@ -49,12 +51,12 @@ class Loads:
 
     def begin(self, req_id: str, device_block_ids: Sequence[int], first_block: int,
               keys: Sequence[BlockKey], tiers: Sequence[Tier], num_blocks: int,
-              sync: bool) -> None:
+              sync: bool, origins: Sequence[BlockOrigin] | None = None) -> None:
         """Plan loading ``num_blocks`` blocks from ``first_block`` on; block ``i`` is
         ``keys[i]`` in ``tiers[i]`` (beyond ``len(tiers)``: nothing to load, an error)."""
         op = LoadOp(req_id, list(device_block_ids[first_block:first_block + num_blocks]),
                     [], [], [], sync=sync)
-        load = _Load(op, first_block, [], [])
+        load = _Load(op, first_block, [], [], origins)
         op.op_id = self.ops.start(load, self)
         for i in range(num_blocks):
             key, tier = (keys[i], tiers[i]) if i < len(tiers) else (0, None)
@@ -134,7 +136,8 @@ class Loads:
                     self.host.park(slot)   # freed when every rank that holds it released it
                     continue
             self.host.complete_load(slot, key, staged=tier is not Tier.G2,
-                                    ok=i not in failed, corrupt=i in corrupt)
+                                    ok=i not in failed, corrupt=i in corrupt,
+                                    origin=load.origins[i] if load.origins else None)
             if i in corrupt and tier is Tier.G3:
                 bad_g3.append(i)
         for tier in (Tier.G2, Tier.G3, Tier.G4):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kvtier.events.types import BlockOrigin
 from kvtier.managers.disk import DiskManager
 from kvtier.managers.host import HostManager
 from kvtier.managers.operations import Operation, Operations
@@ -27,6 +28,7 @@ class _Store:          # G1 -> G2
     key: BlockKey
     to_disk: bool      # decided when planned where G2 only stages
     to_remote: bool
+    origin: BlockOrigin | None
 
 
 @dataclasses.dataclass(slots=True)
@@ -34,6 +36,7 @@ class _DiskWrite:      # G2 -> G3
     g2_slot: int
     g3_slot: int
     key: BlockKey
+    origin: BlockOrigin | None
 
 
 @dataclasses.dataclass(slots=True)
@@ -48,8 +51,10 @@ class OffloadPipeline:
         self.host, self.disk, self.remote, self.ops = host, disk, remote, ops
         self._storing: set[BlockKey] = set()
 
-    def offer(self, key: BlockKey, device_block_id: int) -> None:
-        """Device block ``device_block_id`` holds ``key`` in full: offload it where wanted."""
+    def offer(self, key: BlockKey, device_block_id: int,
+              origin: BlockOrigin | None = None) -> None:
+        """Device block ``device_block_id`` holds ``key`` in full: offload it where wanted
+        (``origin``: for the Stored events, when events are on)."""
         host = self.host
         if key in self._storing or key in host.arriving:
             return
@@ -60,7 +65,7 @@ class OffloadPipeline:
             if to_disk or to_remote:
                 slot = host.pin(key)
                 if slot is not None:
-                    self._fan_out(slot, key, to_disk, to_remote)
+                    self._fan_out(slot, key, to_disk, to_remote, origin)
             return
         if host.caches:
             to_disk = to_remote = False   # decided once the host holds the bytes
@@ -71,7 +76,7 @@ class OffloadPipeline:
         slot = host.prepare_store()
         if slot is None:
             return
-        op_id = self.ops.start(_Store(slot, key, to_disk, to_remote), self)
+        op_id = self.ops.start(_Store(slot, key, to_disk, to_remote, origin), self)
         self.ops.plan.stores.add(device_block_id, slot, key, op_id)
         self._storing.add(key)
 
@@ -81,7 +86,8 @@ class OffloadPipeline:
     def _wants_remote(self, key: BlockKey) -> bool:
         return self.remote is not None and self.remote.wants(key)
 
-    def _fan_out(self, g2_slot: int, key: BlockKey, to_disk: bool, to_remote: bool) -> None:
+    def _fan_out(self, g2_slot: int, key: BlockKey, to_disk: bool, to_remote: bool,
+                 origin: BlockOrigin | None) -> None:
         """Hand the caller's pin on a G2 block to a disk write and/or a remote put as a lease,
         or release it when neither wants the block."""
         to_disk = to_disk and self.disk is not None
@@ -91,7 +97,7 @@ class OffloadPipeline:
             if g3_slot is None:
                 self.host.end_lease(g2_slot)
             else:
-                op_id = self.ops.start(_DiskWrite(g2_slot, g3_slot, key), self)
+                op_id = self.ops.start(_DiskWrite(g2_slot, g3_slot, key, origin), self)
                 self.ops.plan.disk_writes.add(g2_slot, g3_slot, key, op_id)
         if to_remote:
             self.remote.prepare_store(key)
@@ -106,16 +112,16 @@ class OffloadPipeline:
         if isinstance(work, _Store):
             if not timed_out:
                 self._storing.discard(work.key)
-            slot = self.host.complete_store(work.g2_slot, work.key, ok)
+            slot = self.host.complete_store(work.g2_slot, work.key, ok, work.origin)
             if slot is None:
                 return
             to_disk, to_remote = work.to_disk, work.to_remote
             if self.host.caches:
                 to_disk, to_remote = self._wants_disk(work.key), self._wants_remote(work.key)
-            self._fan_out(slot, work.key, to_disk, to_remote)
+            self._fan_out(slot, work.key, to_disk, to_remote, work.origin)
         elif isinstance(work, _DiskWrite):
             self.host.end_lease(work.g2_slot)
-            self.disk.complete_store(work.g3_slot, work.key, ok, timed_out)
+            self.disk.complete_store(work.g3_slot, work.key, ok, timed_out, work.origin)
         else:
             self.host.end_lease(work.g2_slot)
             self.remote.complete_store(work.key, ok, timed_out)
