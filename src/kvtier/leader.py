@@ -39,7 +39,7 @@ from kvtier.managers.operations import Operation, Operations
 from kvtier.managers.remote import RemoteManager
 from kvtier.metrics import KvtierMetrics
 from kvtier.offload.onboard import OnboardPolicy
-from kvtier.pools.block_pool import BlockPool
+from kvtier.pools.block_pool import MAX_PRIORITY, BlockPool
 from kvtier.protocol import StepPlan, TierLayout, WorkerReport
 from kvtier.tiers import BlockKey, Tier
 
@@ -67,6 +67,7 @@ class _Request:
     salt: int
     hashes: list[BlockKey] = dataclasses.field(default_factory=list)
     tokens: Sequence[int] = ()   # the engine's token list, as last seen (for KV events)
+    priority: int = MAX_PRIORITY   # retention priority, as last given
     # Leading blocks already considered for offload (stored, deduplicated or dropped).
     num_offered: int = 0
     # The last match() answer: first block index and the tier of each block to load.
@@ -158,7 +159,8 @@ class Leader:
     def match(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int, *,
               cache_salt: str | None = None, lora_name: str | None = None,
               keys: RequestKeys | None = None,
-              block_keys: Sequence[BlockKey] | None = None) -> int | None:
+              block_keys: Sequence[BlockKey] | None = None,
+              priority: int = MAX_PRIORITY) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that kvtier will load, or None to ask again
         next step (the disk index of a previous run, or the answer of a G4 probe, has not
         arrived yet). Side-effect free for the tiers (it only caches the request's hashes,
@@ -170,7 +172,8 @@ class Leader:
         (``RequestKeys.unkeyable_reason``) is answered 0 and never offloaded.
 
         ``block_keys``: the engine's own chained hash of each full block (covering everything
-        its KV depends on), used instead of kvtier's; ``token_ids`` are then only counted."""
+        its KV depends on), used instead of kvtier's; ``token_ids`` are then only counted.
+        ``priority``: the request's retention priority (0..100, as for ``progress``)."""
         if keys is None:
             keys = RequestKeys(cache_salt=cache_salt, lora_name=lora_name)
         elif cache_salt is not None or lora_name is not None:
@@ -180,7 +183,7 @@ class Leader:
             return 0
         if self.disk is not None and not self.disk.ready():
             return None
-        req.tokens = token_ids
+        req.tokens, req.priority = token_ids, priority
         self._hash_upto(req, token_ids, len(token_ids), block_keys)
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
@@ -221,26 +224,30 @@ class Leader:
         origins = ([self._origin(req, start + i) for i in range(len(keys))]
                    if self.events is not None and req is not None else None)
         self.loads.begin(req_id, device_block_ids, start, keys, tiers, num_blocks,
-                         sync=req is not None and req.match_sync, origins=origins)
+                         sync=req is not None and req.match_sync, origins=origins,
+                         priority=req.priority if req is not None else MAX_PRIORITY)
 
     def progress(self, req_id: str, token_ids: Sequence[int], num_valid_tokens: int,
-                 device_block_ids: Sequence[int], priority: int = 100,
+                 device_block_ids: Sequence[int], priority: int = MAX_PRIORITY,
                  block_keys: Sequence[BlockKey] | None = None) -> None:
         """After this step, the device holds valid KV for ``token_ids[:num_valid_tokens]`` in
         ``device_block_ids``: offload blocks that became full (write-through to G2).
-        ``block_keys``: as for ``match``."""
+        ``priority`` is the request's retention priority (0..100, KVBM's and TRT-LLM's
+        sense): below ``offload_min_priority`` nothing of it is offloaded, and lower-priority
+        blocks are evicted from the tiers first. ``block_keys``: as for ``match``."""
         req = self._requests.get(req_id)
         if req is None or self.offloads is None or req.unkeyable:
             return
         num_full = min(num_valid_tokens // self.block_tokens, len(device_block_ids))
         if num_full <= req.num_offered:
             return
-        req.tokens = token_ids
+        req.tokens, req.priority = token_ids, priority
         self._hash_upto(req, token_ids, num_full * self.block_tokens, block_keys)
         num_full = min(num_full, len(req.hashes))
         if priority >= self.config.offload_min_priority:
             for i in range(req.num_offered, num_full):
-                self.offloads.offer(req.hashes[i], device_block_ids[i], self._origin(req, i))
+                self.offloads.offer(req.hashes[i], device_block_ids[i], self._origin(req, i),
+                                    priority)
         # else the priority gate (KVBM): below the minimum, nothing of it is offloaded.
         req.num_offered = num_full
 

@@ -66,11 +66,11 @@ class Harness:
         return self.scheduler.connector.leader
 
     def add(self, req_id: str, prompt: list[int], max_tokens: int = 4,
-            cache_salt: str | None = None) -> Request:
+            cache_salt: str | None = None, priority: int = 0) -> Request:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         sp.update_from_generation_config({}, EOS)
         req = Request(req_id, prompt, sp, pooling_params=None, cache_salt=cache_salt,
-                      block_hasher=get_request_block_hasher(BLOCK, sha256))
+                      block_hasher=get_request_block_hasher(BLOCK, sha256), priority=priority)
         self.scheduler.add_request(req)
         return req
 
@@ -205,13 +205,14 @@ class Harness:
 
 def make_harness(model_dir: str, extra: dict, *, num_blocks: int = 256,
                  max_batched_tokens: int = 4096, max_model_len: int = 4096,
-                 max_num_seqs: int = 16) -> Harness:
+                 max_num_seqs: int = 16, policy: str = "fcfs") -> Harness:
     init_none_hash(sha256)
     model_config = ModelConfig(model=model_dir, max_model_len=max_model_len)
     scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                        max_num_batched_tokens=max_batched_tokens,
                                        max_model_len=max_model_len,
-                                       enable_chunked_prefill=True, is_encoder_decoder=False)
+                                       enable_chunked_prefill=True, is_encoder_decoder=False,
+                                       policy=policy)
     cache_config = CacheConfig(block_size=BLOCK, enable_prefix_caching=True)
     # extra=None: vLLM alone, the baseline for measuring what the connector adds.
     kv_transfer = None if extra is None else KVTransferConfig(

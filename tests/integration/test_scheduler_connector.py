@@ -231,3 +231,22 @@ def test_onboard_mode_never_recomputes(tiny_model, mode):
     assert h.verified_loads == 0
     assert h.outputs["r1"] == h.outputs["r0"]
     h.assert_no_leaks()
+
+
+def test_offload_min_priority_gates_by_the_requests_scheduling_priority(tiny_model):
+    # vLLM's priority scheduling: lower values run first. kvtier's retention priority is
+    # 100 - that (clamped), so with offload_min_priority=50 an urgent request (0) is
+    # offloaded and a background one (80 -> retention 20) is not.
+    h = make_harness(tiny_model, host_only(offload_min_priority=50), policy="priority")
+    urgent, background = prompt(31, 6 * BLOCK + 3), prompt(32, 6 * BLOCK + 3)
+    h.add("urgent", urgent, priority=0)
+    h.add("background", background, priority=80)
+    h.run()
+    h.drain()
+    assert h.leader.g2.num_registered == 6, "only the urgent request's 6 full blocks"
+    assert h.scheduler.reset_prefix_cache()
+    h.add("urgent-again", urgent + prompt(33, 8), priority=0)
+    h.add("background-again", background + prompt(34, 8), priority=0)
+    h.run()
+    assert h.verified_loads == 6, "the urgent prefix comes back from G2, the other is computed"
+    h.assert_no_leaks()

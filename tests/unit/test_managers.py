@@ -93,3 +93,21 @@ def test_stored_events_carry_parent_keys_and_tokens_in_every_tier(tmp_path):
     promoted = stored(leader.take_events(), Tier.G2)
     assert [(e.parent_block_hash, e.token_ids) for e in promoted] == [
         (None, tokens[:BT]), (first, tokens[BT:2 * BT])]
+
+
+def test_low_retention_priority_blocks_leave_the_host_tier_first():
+    leader = make(host_cache_blocks=2)
+
+    def offload(req_id, seed, priority):
+        tokens = list(range(seed, seed + BT + 1))
+        leader.match(req_id, tokens, 0)
+        leader.progress(req_id, tokens, len(tokens), [1], priority=priority)
+        leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().stores.op_ids)))
+        leader.finish(req_id)
+        return tokens
+
+    kept = offload("kept", 100, priority=90)      # older, but kept longer
+    dropped = offload("dropped", 200, priority=10)
+    offload("new", 300, priority=90)              # needs a slot: the low-priority one goes
+    assert leader.match("a", kept, 0) == BT
+    assert leader.match("b", dropped, 0) == 0

@@ -44,6 +44,7 @@ from kvtier.events import types as ev
 from kvtier.hashing import MmItem, RequestKeys
 from kvtier.leader import Leader, plan_tier_layout
 from kvtier.logs import follow_engine_logging
+from kvtier.pools.block_pool import MAX_PRIORITY
 from kvtier.protocol import StepPlan, TierLayout, WorkerReport
 from kvtier.tiers import Tier
 
@@ -170,7 +171,8 @@ class KvtierConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
         num_tokens = self.leader.match(request.request_id, request.all_token_ids,
-                                       num_computed_tokens, keys=_request_keys(request))
+                                       num_computed_tokens, keys=_request_keys(request),
+                                       priority=retention_priority(request.priority))
         if num_tokens is None:
             return None, False
         return num_tokens, num_tokens > 0 and self.leader.is_async_load(request.request_id)
@@ -203,7 +205,8 @@ class KvtierConnector(KVConnectorBase_V1):
             num_valid = request.num_computed_tokens + num_new - len(spec_tokens.get(req_id, ()))
             block_ids = block_state.get_block_ids(req_id)
             if block_ids:
-                leader.progress(req_id, request.all_token_ids, num_valid, block_ids[0])
+                leader.progress(req_id, request.all_token_ids, num_valid, block_ids[0],
+                                retention_priority(request.priority))
         leader.begin_step(num_prefill)
         return KvtierMetadata(leader.take_plan())
 
@@ -312,6 +315,13 @@ def _block_bytes(kv_cache_config: KVCacheConfig | None) -> int:
     if type(spec).__name__ not in ("FullAttentionSpec", "MLAAttentionSpec"):
         raise LayoutError(f"kvtier supports full attention layers, not {type(spec).__name__}")
     return spec.page_size_bytes * len(groups[0].layer_names)
+
+
+def retention_priority(scheduling_priority: int) -> int:
+    """kvtier's retention priority (0..100, higher is kept longer, KVBM's sense) of a vLLM
+    request: vLLM schedules lower values first (default 0), so 0 and below keep 100 and
+    100 and above keep 0."""
+    return MAX_PRIORITY - min(max(scheduling_priority, 0), MAX_PRIORITY)
 
 
 def _to_vllm_event(event):

@@ -16,7 +16,7 @@ from kvtier.events.types import BlockOrigin, EventBuffer
 from kvtier.managers.host import register_one
 from kvtier.metrics import KvtierMetrics
 from kvtier.offload.admission import make_admission_policy
-from kvtier.pools.block_pool import BlockPool
+from kvtier.pools.block_pool import MAX_PRIORITY, BlockPool
 from kvtier.tiers import BlockKey, Tier
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class DiskManager:
         return slots[0]
 
     def complete_store(self, slot: int, key: BlockKey, ok: bool, timed_out: bool,
-                       origin: BlockOrigin | None = None) -> None:
+                       origin: BlockOrigin | None = None,
+                       priority: int = MAX_PRIORITY) -> None:
         if not timed_out:
             self._writing.discard(key)
         if not ok:
@@ -105,7 +106,7 @@ class DiskManager:
             self.metrics.dropped_offloads.labels("G3").inc()
             return
         self.pool.complete([slot])
-        self.pool.release([register_one(self.pool, slot, key, origin)])
+        self.pool.release([register_one(self.pool, slot, key, origin, priority)])
 
     def abandon(self, key: BlockKey) -> None:
         """A write of ``key`` timed out: another may be planned (its slot stays pinned)."""

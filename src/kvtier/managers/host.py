@@ -16,19 +16,21 @@ from collections.abc import Sequence
 
 from kvtier.events.types import BlockOrigin, EventBuffer
 from kvtier.metrics import KvtierMetrics
-from kvtier.pools.block_pool import BlockPool
+from kvtier.pools.block_pool import MAX_PRIORITY, BlockPool
 from kvtier.tiers import BlockKey, Tier
 
 # Slots kept free for offloads when a match is cut to the staging room.
 RESERVED_STAGING_BLOCKS = 64
 
 
-def register_one(pool: BlockPool, slot: int, key: BlockKey, origin: BlockOrigin | None) -> int:
-    """Register ``slot`` under ``key``; ``origin`` goes into the Stored event."""
+def register_one(pool: BlockPool, slot: int, key: BlockKey, origin: BlockOrigin | None,
+                 priority: int) -> int:
+    """Register ``slot`` under ``key`` with retention ``priority`` (lower is evicted first);
+    ``origin`` goes into the Stored event."""
     if origin is None:
-        return pool.register([slot], [key])[0]
+        return pool.register([slot], [key], priority=priority)[0]
     return pool.register([slot], [key], parent=origin.parent, token_ids=origin.token_ids,
-                         lora_name=origin.lora_name)[0]
+                         lora_name=origin.lora_name, priority=priority)[0]
 
 
 class HostManager:
@@ -76,12 +78,13 @@ class HostManager:
         return slots[0]
 
     def complete_load(self, slot: int, key: BlockKey, *, staged: bool, ok: bool,
-                      corrupt: bool, origin: BlockOrigin | None = None) -> None:
+                      corrupt: bool, origin: BlockOrigin | None = None,
+                      priority: int = MAX_PRIORITY) -> None:
         """A load from ``slot`` (a pinned source, or a ``staged`` arrival) is committed."""
         if staged and ok and self.caches:
             # Promotion: the host tier keeps what it staged.
             self.pool.complete([slot])
-            slot = register_one(self.pool, slot, key, origin)
+            slot = register_one(self.pool, slot, key, origin, priority)
         self.pool.release([slot])
         if corrupt and not staged:
             self.pool.discard([key])
@@ -115,7 +118,8 @@ class HostManager:
         return self.stage()
 
     def complete_store(self, slot: int, key: BlockKey, ok: bool,
-                       origin: BlockOrigin | None = None) -> int | None:
+                       origin: BlockOrigin | None = None,
+                       priority: int = MAX_PRIORITY) -> int | None:
         """The store into ``slot`` is committed. Returns the slot holding the bytes, still
         pinned (registered when the host tier caches), or None when the store failed."""
         if not ok:
@@ -124,7 +128,7 @@ class HostManager:
             return None
         self.pool.complete([slot])
         if self.caches:
-            slot = register_one(self.pool, slot, key, origin)
+            slot = register_one(self.pool, slot, key, origin, priority)
         return slot
 
     # -- leases ---------------------------------------------------------------------------

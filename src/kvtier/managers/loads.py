@@ -20,6 +20,7 @@ from kvtier.managers.host import HostManager
 from kvtier.managers.operations import Operation, Operations
 from kvtier.managers.remote import RemoteManager
 from kvtier.metrics import KvtierMetrics
+from kvtier.pools.block_pool import MAX_PRIORITY
 from kvtier.protocol import NO_SLOT, LoadOp, LoadResult
 from kvtier.tiers import BlockKey, Tier
 
@@ -33,6 +34,7 @@ class _Load:
     source_tiers: list[Tier | None]   # None: nothing to load (the block failed to pin)
     g3_pins: list[int]                # G3 blocks pinned while they are read
     origins: Sequence[BlockOrigin] | None   # per block, for Stored events of promotions
+    priority: int                     # retention priority of what is promoted
     # Reported by any rank so far (a block is good only if it is good on every rank).
     failed: set[int] = dataclasses.field(default_factory=set)
     corrupt: set[int] = dataclasses.field(default_factory=set)
@@ -51,12 +53,13 @@ class Loads:
 
     def begin(self, req_id: str, device_block_ids: Sequence[int], first_block: int,
               keys: Sequence[BlockKey], tiers: Sequence[Tier], num_blocks: int,
-              sync: bool, origins: Sequence[BlockOrigin] | None = None) -> None:
+              sync: bool, origins: Sequence[BlockOrigin] | None = None,
+              priority: int = MAX_PRIORITY) -> None:
         """Plan loading ``num_blocks`` blocks from ``first_block`` on; block ``i`` is
         ``keys[i]`` in ``tiers[i]`` (beyond ``len(tiers)``: nothing to load, an error)."""
         op = LoadOp(req_id, list(device_block_ids[first_block:first_block + num_blocks]),
                     [], [], [], sync=sync)
-        load = _Load(op, first_block, [], [], origins)
+        load = _Load(op, first_block, [], [], origins, priority)
         op.op_id = self.ops.start(load, self)
         for i in range(num_blocks):
             key, tier = (keys[i], tiers[i]) if i < len(tiers) else (0, None)
@@ -137,7 +140,8 @@ class Loads:
                     continue
             self.host.complete_load(slot, key, staged=tier is not Tier.G2,
                                     ok=i not in failed, corrupt=i in corrupt,
-                                    origin=load.origins[i] if load.origins else None)
+                                    origin=load.origins[i] if load.origins else None,
+                                    priority=load.priority)
             if i in corrupt and tier is Tier.G3:
                 bad_g3.append(i)
         for tier in (Tier.G2, Tier.G3, Tier.G4):

@@ -19,6 +19,7 @@ from kvtier.managers.disk import DiskManager
 from kvtier.managers.host import HostManager
 from kvtier.managers.operations import Operation, Operations
 from kvtier.managers.remote import RemoteManager
+from kvtier.pools.block_pool import MAX_PRIORITY
 from kvtier.tiers import BlockKey
 
 
@@ -29,6 +30,7 @@ class _Store:          # G1 -> G2
     to_disk: bool      # decided when planned where G2 only stages
     to_remote: bool
     origin: BlockOrigin | None
+    priority: int      # retention priority: lower is evicted first
 
 
 @dataclasses.dataclass(slots=True)
@@ -37,6 +39,7 @@ class _DiskWrite:      # G2 -> G3
     g3_slot: int
     key: BlockKey
     origin: BlockOrigin | None
+    priority: int
 
 
 @dataclasses.dataclass(slots=True)
@@ -52,9 +55,10 @@ class OffloadPipeline:
         self._storing: set[BlockKey] = set()
 
     def offer(self, key: BlockKey, device_block_id: int,
-              origin: BlockOrigin | None = None) -> None:
+              origin: BlockOrigin | None = None, priority: int = MAX_PRIORITY) -> None:
         """Device block ``device_block_id`` holds ``key`` in full: offload it where wanted
-        (``origin``: for the Stored events, when events are on)."""
+        (``origin``: for the Stored events, when events are on; ``priority``: its retention
+        priority in the tiers, lower is evicted first)."""
         host = self.host
         if key in self._storing or key in host.arriving:
             return
@@ -65,7 +69,7 @@ class OffloadPipeline:
             if to_disk or to_remote:
                 slot = host.pin(key)
                 if slot is not None:
-                    self._fan_out(slot, key, to_disk, to_remote, origin)
+                    self._fan_out(slot, key, to_disk, to_remote, origin, priority)
             return
         if host.caches:
             to_disk = to_remote = False   # decided once the host holds the bytes
@@ -76,7 +80,7 @@ class OffloadPipeline:
         slot = host.prepare_store()
         if slot is None:
             return
-        op_id = self.ops.start(_Store(slot, key, to_disk, to_remote, origin), self)
+        op_id = self.ops.start(_Store(slot, key, to_disk, to_remote, origin, priority), self)
         self.ops.plan.stores.add(device_block_id, slot, key, op_id)
         self._storing.add(key)
 
@@ -87,7 +91,7 @@ class OffloadPipeline:
         return self.remote is not None and self.remote.wants(key)
 
     def _fan_out(self, g2_slot: int, key: BlockKey, to_disk: bool, to_remote: bool,
-                 origin: BlockOrigin | None) -> None:
+                 origin: BlockOrigin | None, priority: int) -> None:
         """Hand the caller's pin on a G2 block to a disk write and/or a remote put as a lease,
         or release it when neither wants the block."""
         to_disk = to_disk and self.disk is not None
@@ -97,7 +101,7 @@ class OffloadPipeline:
             if g3_slot is None:
                 self.host.end_lease(g2_slot)
             else:
-                op_id = self.ops.start(_DiskWrite(g2_slot, g3_slot, key, origin), self)
+                op_id = self.ops.start(_DiskWrite(g2_slot, g3_slot, key, origin, priority), self)
                 self.ops.plan.disk_writes.add(g2_slot, g3_slot, key, op_id)
         if to_remote:
             self.remote.prepare_store(key)
@@ -112,16 +116,18 @@ class OffloadPipeline:
         if isinstance(work, _Store):
             if not timed_out:
                 self._storing.discard(work.key)
-            slot = self.host.complete_store(work.g2_slot, work.key, ok, work.origin)
+            slot = self.host.complete_store(work.g2_slot, work.key, ok, work.origin,
+                                            work.priority)
             if slot is None:
                 return
             to_disk, to_remote = work.to_disk, work.to_remote
             if self.host.caches:
                 to_disk, to_remote = self._wants_disk(work.key), self._wants_remote(work.key)
-            self._fan_out(slot, work.key, to_disk, to_remote, work.origin)
+            self._fan_out(slot, work.key, to_disk, to_remote, work.origin, work.priority)
         elif isinstance(work, _DiskWrite):
             self.host.end_lease(work.g2_slot)
-            self.disk.complete_store(work.g3_slot, work.key, ok, timed_out, work.origin)
+            self.disk.complete_store(work.g3_slot, work.key, ok, timed_out, work.origin,
+                                     work.priority)
         else:
             self.host.end_lease(work.g2_slot)
             self.remote.complete_store(work.key, ok, timed_out)
