@@ -63,3 +63,31 @@ def test_unsupported_layout_is_refused(tiny_model, make_kv, message):
     with pytest.raises(LayoutError) as err:
         worker.register_kv_caches(make_kv())
     assert message in str(err.value)
+
+
+def test_a_host_tier_larger_than_the_machines_memory_is_refused_at_start(tiny_model):
+    from kvtier.storage.host import available_memory_bytes
+
+    available = available_memory_bytes()
+    assert available, "this test needs /proc/meminfo"
+    vc, kvc = vllm_config(tiny_model, {"host_cache_gb": round(4 * available / 1e9)})
+    worker = KvtierConnector(vc, KVConnectorRole.WORKER, kvc)
+    kv = {name: torch.zeros(8, HEADS, 16, 2 * HEAD, dtype=torch.bfloat16) for name in LAYERS}
+    with pytest.raises(StorageError) as err:
+        worker.register_kv_caches(kv)
+    assert "does not fit" in str(err.value) and "host_cache_gb" in str(err.value)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://127.0.0.1:notaport/0", "Port could not be cast"),
+    ("redis://[::1/0", "remote_url='redis://[::1/0' is not allowed"),
+    ("mooncake://127.0.0.1:50051", "needs metadata=URL"),
+    ("s4://bucket", "unknown scheme"),
+])
+def test_a_store_url_that_does_not_parse_is_one_clear_error_at_start(tiny_model, url, message):
+    vc, kvc = vllm_config(tiny_model, {"host_cache_blocks": 16, "remote_url": url})
+    worker = KvtierConnector(vc, KVConnectorRole.WORKER, kvc)
+    kv = {name: torch.zeros(8, HEADS, 16, 2 * HEAD, dtype=torch.bfloat16) for name in LAYERS}
+    with pytest.raises(ConfigError) as err:
+        worker.register_kv_caches(kv)
+    assert message in str(err.value)

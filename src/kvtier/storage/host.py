@@ -41,6 +41,18 @@ def slot_bytes_for(geometry: KVGeometry) -> int:
     return -(-raw // PAGE_BYTES) * PAGE_BYTES
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can hand out without swapping (MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class HostArena:
     """``num_slots`` block slots in host RAM; see the module doc for the slot format."""
 
@@ -58,6 +70,13 @@ class HostArena:
         self.slot_bytes = slot_bytes_for(geometry)
         self.payload_bytes = geometry.block_bytes
         self.nbytes = num_slots * self.slot_bytes
+        available = available_memory_bytes()
+        if prefault and available is not None and self.nbytes > available:
+            # Faulting it in would swap or wake the OOM killer in the middle of serving.
+            raise StorageError(
+                f"host arena of {self.nbytes / 1e9:.2f} GB ({num_slots} slots) does not fit in "
+                f"the {available / 1e9:.2f} GB of memory this machine has available; lower "
+                "host_cache_gb (it counts the whole engine, all ranks together)")
         try:
             self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, ValueError, OverflowError) as exc:

@@ -131,7 +131,11 @@ class RedisBackend(RemoteBackend):
 
 def _split_url(url: str, shown: str) -> tuple[str, int | None]:
     """(URL for redis-py without kvtier's own query params, ttl_s)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parses the port, raising for a bad one
+    except ValueError as exc:
+        raise ConfigError(f"remote_url={shown!r} is not allowed: {exc}") from None
     ours, theirs = {}, []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name in _OUR_PARAMS:
