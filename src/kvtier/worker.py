@@ -130,7 +130,7 @@ class Worker:
             # DiskStorage logs the tier at INFO (slots, recovered blocks, I/O mode).
             logger.debug("kvtier: disk tier of %d blocks in %s, %d recovered",
                          self.layout.num_g3_slots, directory, len(self._report.recovered))
-        self.engine = TransferEngine(device=self.device, arena=self.arena, disk=self.disk,
+        self.engine = TransferEngine(arena=self.arena, disk=self.disk,
                                      max_batch_blocks=self.config.max_transfer_batch_blocks,
                                      max_concurrent=self.config.max_concurrent_transfers)
         if self.config.has_remote and self.arena is not None:

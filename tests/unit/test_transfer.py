@@ -309,8 +309,8 @@ def test_submit_validation(tmp_path):
 
 def test_the_engine_has_no_device_paths():
     """G1 <-> G2 is the worker's synchronous copy (copy.py), never an engine transfer."""
-    _kv, _axis, dev, arena = cpu_setup()
-    engine = TransferEngine(device=dev, arena=arena)
+    _kv, _axis, _dev, arena = cpu_setup()
+    engine = TransferEngine(arena=arena)
     try:
         assert engine.paths() == []
     finally:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvtier.errors import TransferError
-from kvtier.layout import DeviceKV
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostArena
 from kvtier.tiers import BlockKey, Tier
@@ -100,10 +99,10 @@ class TransferEngine:
     """Moves blocks between tiers asynchronously; see the module doc.
 
     With ``arena`` and ``disk`` the G2 <-> G3 pair is registered; other pairs are
-    ``add_executor`` calls. ``device`` is accepted and unused (G1 <-> G2 copies are not
-    transfers of this engine; see the module doc)."""
+    ``add_executor`` calls. G1 <-> G2 copies are not transfers of this engine (see the module
+    doc)."""
 
-    def __init__(self, *, device: DeviceKV | None = None, arena: HostArena | None = None,
+    def __init__(self, *, arena: HostArena | None = None,
                  disk: DiskStorage | None = None, max_batch_blocks: int = 64,
                  max_concurrent: int = 4):
         if max_batch_blocks <= 0 or max_concurrent <= 0:
