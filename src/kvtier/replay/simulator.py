@@ -295,20 +295,10 @@ class ReplaySimulator:
 
     # -- one tier: the policy comparison's hot path ----------------------------------------------
     def _serve_device_only(self, keys: Sequence[int]) -> int:
-        state = self._tiers[0]
-        pool = state.pool
-        held = pool.match(keys)
-        hits = len(held)
-        room = min(len(keys) - hits, pool.num_free + pool.num_inactive)
-        if room:
-            state.stats.evictions += max(0, room - pool.num_free)
-            fresh = pool.allocate(room)
-            pool.complete(fresh)
-            held += pool.register(fresh, keys[hits:hits + room],
-                                  parent=keys[hits - 1] if hits else None)
-            state.stats.blocks_written += room
+        device = self._tiers[0]
+        held, hits = self._place_on_device(device, keys)
         held.reverse()
-        pool.release(held)
+        device.pool.release(held)
         return hits
 
     # -- several tiers: the connector's own leader ----------------------------------------------
@@ -346,7 +336,7 @@ class ReplaySimulator:
                 saved += gain
             else:
                 stats.not_onboarded_blocks += 1
-        held = self._place_on_device(device, keys, g1_hits)
+        held, _ = self._place_on_device(device, keys, g1_hits)
         leader.progress(req_id, tokens, input_length, range(len(keys)), block_keys=keys)
         while leader.busy:
             self._workers.step()
@@ -356,12 +346,14 @@ class ReplaySimulator:
         return hits, saved
 
     def _place_on_device(self, device: _TierState, keys: Sequence[int],
-                         num_cached: int) -> list[int]:
-        """The device prefix cache holds the whole request: its ``num_cached`` leading blocks
-        are matched, the rest (loaded or computed) allocated; if the device is smaller than the
-        request, the leading blocks that fit are kept."""
+                         num_cached: int | None = None) -> tuple[list[int], int]:
+        """The device prefix cache holds the whole request: its leading cached blocks (at most
+        ``num_cached``) are matched, the rest (loaded or computed) allocated; if the device is
+        smaller than the request, the leading blocks that fit are kept. Returns the blocks
+        held and how many were cached."""
         pool = device.pool
-        held = pool.match(keys[:num_cached])
+        held = pool.match(keys if num_cached is None else keys[:num_cached])
+        num_cached = len(held)
         room = min(len(keys) - num_cached, pool.num_free + pool.num_inactive)
         if room:
             device.stats.evictions += max(0, room - pool.num_free)
@@ -370,7 +362,7 @@ class ReplaySimulator:
             held += pool.register(fresh, keys[num_cached:num_cached + room],
                                   parent=keys[num_cached - 1] if num_cached else None)
             device.stats.blocks_written += room
-        return held
+        return held, num_cached
 
 
 class _CountingAdmission(AdmissionPolicy):
