@@ -51,7 +51,7 @@ class KvtierConfig:
     # Policies.
     host_eviction_policy: str = "lru"
     disk_eviction_policy: str = "lru"
-    disk_admission: str = "frequency"
+    disk_admission: str = "auto"
     offload_min_priority: int = 0
     onboard_mode: str = "auto"
     # Loads estimated to take at most this long run inside the step that needs them (no
@@ -87,8 +87,8 @@ class KvtierConfig:
         from kvtier.offload.admission import admission_policy_names
         from kvtier.pools import eviction_policy_names
 
-        for key in ("disk_admission", "remote_admission"):
-            _check_choice(self, key, tuple(admission_policy_names()))
+        _check_choice(self, "disk_admission", ("auto", *admission_policy_names()))
+        _check_choice(self, "remote_admission", tuple(admission_policy_names()))
         for key in ("host_eviction_policy", "disk_eviction_policy"):
             value = getattr(self, key)
             # A dotted path names a user policy class ("pkg.module.ClassName").

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from kvtier.config import KvtierConfig
 from kvtier.events.types import BlockOrigin, EventBuffer
 from kvtier.hashing import BlockHasher, RequestKeys
-from kvtier.managers.disk import DiskManager
+from kvtier.managers.disk import DiskManager, disk_admission_policy
 from kvtier.managers.host import HostManager
 from kvtier.managers.loads import Loads
 from kvtier.managers.offload import OffloadPipeline
@@ -128,7 +128,9 @@ class Leader:
                                 eviction=config.host_eviction_policy, events=self.events,
                                 block_tokens=block_tokens, metrics=metrics) if num_g2 else None
         self.disk = DiskManager(num_g3, eviction=config.disk_eviction_policy,
-                                admission=config.disk_admission, events=self.events,
+                                admission=disk_admission_policy(config.disk_admission,
+                                                                host_caches=config.has_host),
+                                events=self.events,
                                 block_tokens=block_tokens, world_size=world_size,
                                 metrics=metrics, clock=clock) if num_g3 else None
         self.remote = (RemoteManager(config, self.ops, metrics, clock)

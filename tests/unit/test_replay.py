@@ -287,7 +287,8 @@ def test_disk_admission_gates_writes():
     trace = generated_workload()
     never = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400, admission="never")],
                    cost=COST)
-    freq = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400)], cost=COST)
+    freq = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400, admission="frequency")],
+                  cost=COST)
     always = replay(trace, [TierSpec(Tier.G1, 30),
                             TierSpec(Tier.G3, 400, admission="always")], cost=COST)
     g3 = [next(t for t in r.tiers if t.tier == Tier.G3) for r in (never, freq, always)]
@@ -295,6 +296,19 @@ def test_disk_admission_gates_writes():
     assert g3[0].rejected == g3[0].offers > 0
     assert 0 < g3[1].blocks_written < g3[2].blocks_written  # the filter saves SSD writes
     assert g3[1].admission == "frequency"
+
+
+def test_default_disk_admission_filters_only_below_a_caching_host_tier():
+    # The connector's default ("auto"): with nothing above the disk to keep a block's first
+    # copy, the frequency filter would leave a first sighting uncached anywhere.
+    trace = generated_workload()
+    alone = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400)], cost=COST)
+    filtered = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G3, 400, admission="frequency")],
+                      cost=COST)
+    below_host = replay(trace, [TierSpec(Tier.G1, 30), TierSpec(Tier.G2, 40),
+                                TierSpec(Tier.G3, 400)], cost=COST)
+    assert alone.tiers[1].admission == "always" and below_host.tiers[2].admission == "frequency"
+    assert alone.total.blocks_hit > filtered.total.blocks_hit
 
 
 def test_slow_tier_is_not_onboarded():

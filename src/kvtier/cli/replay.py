@@ -228,8 +228,9 @@ def _check_policy_names(specs) -> None:
 
     for spec in specs:
         make_eviction_policy(spec.eviction, 1)
-        if spec.tier != Tier.G1:
-            make_admission_policy(spec.admission or DEFAULT_ADMISSION[spec.tier])
+        name = spec.admission or DEFAULT_ADMISSION[spec.tier]
+        if spec.tier != Tier.G1 and name != "auto":
+            make_admission_policy(name)
 
 
 class _NoBar:

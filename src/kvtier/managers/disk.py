@@ -25,6 +25,16 @@ logger = logging.getLogger(__name__)
 MAX_RECOVERY_WAITS = 50
 
 
+def disk_admission_policy(name: str, *, host_caches: bool) -> str:
+    """The admission policy ``disk_admission`` names. ``auto``: KVBM's frequency filter (a
+    block reaches disk from its second offer) when the host tier caches, since the host keeps
+    the first copy meanwhile; every block when the disk is the first tier below the device,
+    where refusing a first sighting leaves no copy to serve its next one."""
+    if name != "auto":
+        return name
+    return "frequency" if host_caches else "always"
+
+
 class DiskManager:
     def __init__(self, num_slots: int, *, eviction: str, admission: str,
                  events: EventBuffer | None, block_tokens: int, world_size: int,

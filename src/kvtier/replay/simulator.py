@@ -37,6 +37,7 @@ import kvtier.offload.tinylfu
 from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError
 from kvtier.leader import Leader
+from kvtier.managers.disk import disk_admission_policy
 from kvtier.offload.admission import AdmissionPolicy
 from kvtier.offload.onboard import Ewma
 from kvtier.pools.block_pool import BlockPool
@@ -53,7 +54,8 @@ import kvtier.pools.policies  # noqa: F401  isort: skip
 # memory over PCIe 4/5, a datacenter NVMe SSD, a 100 Gb/s RDMA store.
 DEFAULT_READ_GBPS = {Tier.G2: 25.0, Tier.G3: 3.0, Tier.G4: 10.0}
 DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
-DEFAULT_ADMISSION = {Tier.G1: "always", Tier.G2: "always", Tier.G3: "frequency",
+# G3 "auto": the connector's default (managers.disk.disk_admission_policy).
+DEFAULT_ADMISSION = {Tier.G1: "always", Tier.G2: "always", Tier.G3: "auto",
                      Tier.G4: "always"}
 
 
@@ -182,6 +184,9 @@ class ReplaySimulator:
         self._tiers: list[_TierState] = []
         for spec in specs:
             admission_name = spec.admission or DEFAULT_ADMISSION[spec.tier]
+            if spec.tier == Tier.G3:
+                admission_name = disk_admission_policy(
+                    admission_name, host_caches=any(s.tier == Tier.G2 for s in specs))
             if spec.tier == Tier.G2 and admission_name != "always":
                 raise ConfigError(f"G2: admission {admission_name!r} is not supported: the "
                                   "host tier takes every block offloaded from the device")
