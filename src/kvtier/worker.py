@@ -117,10 +117,11 @@ class Worker:
         if self.layout.num_g2_slots:
             started = time.perf_counter()
             self.arena = HostArena(self.layout.num_g2_slots, geometry)
-            logger.info("kvtier: host tier of %d blocks (%.2f GB) ready in %.1f s",
-                        self.layout.num_g2_slots,
-                        self.layout.num_g2_slots * self.arena.slot_bytes / 1e9,
-                        time.perf_counter() - started)
+            # KV bytes as the start-up summary counts them; the arena adds a header per slot.
+            logger.info("kvtier: rank %d host tier of %d blocks (%.2f GB of KV, %.2f GB "
+                        "with headers) ready in %.1f s", self.rank, self.layout.num_g2_slots,
+                        self.layout.num_g2_slots * self.layout.block_bytes / 1e9,
+                        self.arena.nbytes / 1e9, time.perf_counter() - started)
         if self.layout.num_g3_slots:
             directory = f"{self.config.disk_dir}/rank{self.rank}"
             self.disk = DiskStorage(directory, self.layout.num_g3_slots, self.arena.slot_bytes,
