@@ -21,7 +21,14 @@ KV_FIRST           per layer (KV, B, N, H, D)                    vLLM CUDA flash
 BLOCK_FIRST        per layer (B, KV, N, H, D); MLA (B, N, D)     FlashInfer, MLA backends
 CROSS_LAYER        one tensor (B, L, KV, N, H, D)                vLLM cross-layer blocks
 FULLY_CONTIGUOUS   one tensor (B, L, KV, N, H*D)                 KVBM ``FullyContiguous``
+TRTLLM_POOL        one tensor (B, L, KV, E), E = H*N*D           TensorRT-LLM's primary pool
 =================  ===========================================  ===============================
+
+TensorRT-LLM hands its connector one pool tensor per rank, ``[num_blocks, num_layers,
+kv_factor, block_elems]``; inside ``block_elems`` the order of heads, tokens and head size is
+TensorRT-LLM's own, so kvtier treats each (block, layer, K/V) slab as opaque bytes: the
+geometry records ``num_kv_heads`` when the caller names it (else 1) and ``head_size`` as the
+rest of the slab per token.
 
 Within a block the physical order of the axes may differ from the logical one (vLLM's HND
 stride orders); it is detected from the strides and recorded in ``KVGeometry.inner_order`` so
@@ -50,6 +57,7 @@ class LayoutKind(enum.Enum):
     BLOCK_FIRST = "block_first"
     CROSS_LAYER = "cross_layer"
     FULLY_CONTIGUOUS = "fully_contiguous"
+    TRTLLM_POOL = "trtllm_pool"
 
 
 # Logical axis names of one registered tensor, per layout. "X" is a packed last axis: K|V halves
@@ -60,9 +68,11 @@ _AXES: dict[LayoutKind, tuple[str, ...]] = {
     LayoutKind.BLOCK_FIRST: ("B", "KV", "N", "H", "D"),
     LayoutKind.CROSS_LAYER: ("B", "L", "KV", "N", "H", "D"),
     LayoutKind.FULLY_CONTIGUOUS: ("B", "L", "KV", "N", "X"),
+    LayoutKind.TRTLLM_POOL: ("B", "L", "KV", "E"),  # E: one opaque (layer, K/V) slab
 }
 _MLA_AXES = ("B", "N", "D")
-_SINGLE_TENSOR_KINDS = (LayoutKind.CROSS_LAYER, LayoutKind.FULLY_CONTIGUOUS)
+_SINGLE_TENSOR_KINDS = (LayoutKind.CROSS_LAYER, LayoutKind.FULLY_CONTIGUOUS,
+                        LayoutKind.TRTLLM_POOL)
 
 # Element sizes of the dtypes engines use for KV, so KVGeometry needs no torch.
 _DTYPE_BYTES = {
@@ -306,6 +316,9 @@ def _detect(name: str, shape: tuple[int, ...], block_size: int, num_tensors: int
     single = num_tensors == 1
     if len(shape) == 6 and shape[3] == block_size and single:
         return LayoutKind.CROSS_LAYER
+    if (len(shape) == 4 and single and shape[2] in (1, 2) and shape[2] != block_size
+            and shape[3] % block_size == 0):
+        return LayoutKind.TRTLLM_POOL  # vLLM CPU's (B, H, N, 2*D) has N at axis 2
     if len(shape) == 4 and shape[2] == block_size and shape[3] % 2 == 0:
         return LayoutKind.VLLM_CPU
     if len(shape) == 5:
@@ -321,8 +334,9 @@ def _detect(name: str, shape: tuple[int, ...], block_size: int, num_tensors: int
         f"layer {name!r}: cannot tell the KV layout of shape {shape} with block_size "
         f"{block_size}; expected vLLM CPU (B, H, {block_size}, 2*D), KV-first "
         f"(2, B, {block_size}, H, D), block-first (B, 2, {block_size}, H, D), MLA "
-        f"(B, {block_size}, D), cross-layer (B, L, 2, {block_size}, H, D) or fully contiguous "
-        f"(B, L, 2, {block_size}, H*D); pass layout= to choose")
+        f"(B, {block_size}, D), cross-layer (B, L, 2, {block_size}, H, D), fully contiguous "
+        f"(B, L, 2, {block_size}, H*D) or a TensorRT-LLM pool (B, L, 2, H*{block_size}*D); "
+        "pass layout= to choose")
 
 
 def _axes_for(kind: LayoutKind, shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -340,6 +354,8 @@ def _named_sizes(name: str, kind: LayoutKind, axes: tuple[str, ...], shape: tupl
     sizes = dict(zip(axes, shape))
     sizes.setdefault("KV", 1)
     sizes.setdefault("H", 1)
+    if kind is LayoutKind.TRTLLM_POOL:
+        sizes["N"] = block_size  # tokens live inside the opaque slab
     if sizes["N"] != block_size:
         raise LayoutError(f"layer {name!r}: {kind.name} block axis of {sizes['N']} tokens, "
                           f"block_size is {block_size}")
@@ -355,6 +371,12 @@ def _named_sizes(name: str, kind: LayoutKind, axes: tuple[str, ...], shape: tupl
             raise LayoutError(f"layer {name!r}: last dim {sizes['X']} is not "
                               f"num_kv_heads ({heads}) * head_size")
         sizes["H"], sizes["D"] = heads, sizes["X"] // heads
+    elif kind is LayoutKind.TRTLLM_POOL:
+        heads = num_kv_heads or 1
+        if sizes["E"] % (block_size * heads):
+            raise LayoutError(f"layer {name!r}: block_elems {sizes['E']} is not num_kv_heads "
+                              f"({heads}) * tokens_per_block ({block_size}) * head_size")
+        sizes["H"], sizes["D"] = heads, sizes["E"] // (block_size * heads)
     if num_kv_heads is not None and sizes["H"] != num_kv_heads:
         raise LayoutError(f"layer {name!r}: {sizes['H']} KV heads in the tensor, "
                           f"num_kv_heads={num_kv_heads}")

@@ -203,3 +203,47 @@ def test_geometry_validates_fields():
     with pytest.raises(LayoutError, match="unknown KV dtype"):
         geometry(dtype="complex_nonsense")
     assert geometry(dtype=torch.float16).dtype == "float16"
+
+
+def test_trtllm_pool_is_one_tensor_of_opaque_layer_slabs():
+    # TensorRT-LLM's primary pool: (num_blocks, num_layers, kv_factor, block_elems), with
+    # block_elems = KV heads x tokens_per_block x head size of one rank.
+    pool = torch.arange(NB * L * 2 * H * BS * D, dtype=torch.float32).to(torch.bfloat16)
+    pool = pool.reshape(NB, L, 2, H * BS * D)
+    dev = DeviceKV.from_tensors({"trtllm_kv_pool": pool}, BS)
+    g = dev.geometry
+    assert g.layout is LayoutKind.TRTLLM_POOL
+    assert (g.num_layers, g.kv_factor, g.block_size) == (L, 2, BS)
+    assert g.block_bytes == L * 2 * H * BS * D * 2 == pool[0].numel() * pool.element_size()
+    assert dev.num_blocks == NB
+    assert len(dev.segments) == 1  # a whole block is one run of bytes
+    view = dev.block_bytes_view(0)
+    assert torch.equal(view[3], pool[3].contiguous().view(torch.uint8).reshape(-1))
+    # Heads named: the slab splits into heads x head size; without, heads count as 1.
+    named = DeviceKV.from_tensors({"pool": pool}, BS, num_kv_heads=H).geometry
+    assert (named.num_kv_heads, named.head_size) == (H, D)
+    assert (g.num_kv_heads, g.head_size) == (1, H * D)
+    # K-only pools (kv_factor 1) are accepted too.
+    k_only = DeviceKV.from_tensors({"pool": torch.zeros(NB, L, 1, BS * D)}, BS).geometry
+    assert k_only.kv_factor == 1 and k_only.layout is LayoutKind.TRTLLM_POOL
+
+
+def test_trtllm_pool_fingerprint_differs_from_other_layouts_of_the_same_bytes():
+    pool = DeviceKV.from_tensors({"pool": torch.zeros(NB, L, 2, BS * H * D)}, BS,
+                                 num_kv_heads=H).geometry
+    fully = DeviceKV.from_tensors({"kv": torch.zeros(NB, L, 2, BS, H * D)}, BS,
+                                  num_kv_heads=H).geometry
+    assert pool.block_bytes == fully.block_bytes
+    assert pool.fingerprint() != fully.fingerprint()
+
+
+def test_trtllm_pool_refuses_what_it_cannot_serve():
+    with pytest.raises(LayoutError, match="block_elems"):
+        DeviceKV.from_tensors({"pool": torch.zeros(NB, L, 2, BS * D)}, BS, num_kv_heads=3,
+                              layout=LayoutKind.TRTLLM_POOL)
+    with pytest.raises(LayoutError, match="one tensor holding every layer"):
+        DeviceKV.from_tensors(per_layer((NB, L, 2, BS * D)), BS, layout=LayoutKind.TRTLLM_POOL)
+    # A pool whose blocks are not dense (a strided slice of a bigger allocation) is refused.
+    big = torch.zeros(NB, L, 2, 2 * BS * D)
+    with pytest.raises(LayoutError, match="not dense"):
+        DeviceKV.from_tensors({"pool": big[..., :BS * D]}, BS)
