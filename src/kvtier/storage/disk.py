@@ -793,3 +793,99 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+class DiskReader:
+    """A read-only view of a disk tier that another process owns (its ``DiskStorage``).
+
+    For engines whose ranks hold the same KV (SGLang's MLA: rank 0 writes, every rank reads):
+    the other ranks read the owner's slots without its lock. The index is the owner's durable
+    journal (``DiskStorage.read_index``), re-read when a lookup misses and the journal file has
+    changed. The owner may overwrite a slot at any time, so every block read is verified
+    against its header (key, fingerprint, checksum): a slot that now holds another block, or
+    is half rewritten, is a miss, never data.
+    """
+
+    def __init__(self, directory: str, fingerprint: int, slot_bytes: int, *,
+                 o_direct: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        self.fingerprint = fingerprint & 0xFFFF_FFFF_FFFF_FFFF
+        self.slot_bytes = slot_bytes
+        self._o_direct = o_direct
+        self._fd = -1
+        self._slot_of: dict[bytes, int] = {}
+        self._journal_id: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+        self.failed_reads: Counter = Counter()
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The owner's slot holding ``key`` per its journal (None: not indexed)."""
+        slot = self._slot_of.get(key_bytes(key))
+        if slot is None and self._refresh():
+            slot = self._slot_of.get(key_bytes(key))
+        return slot
+
+    def _refresh(self) -> bool:
+        """Re-read the journal if it changed since the last read; True if it was re-read."""
+        path = os.path.join(self.directory, JOURNAL_NAME)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        journal_id = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if journal_id == self._journal_id:
+                return False
+            try:
+                entries = DiskStorage.read_index(self.directory, self.fingerprint)
+            except StorageError as exc:
+                logger.debug("disk reader %s: %s", self.directory, exc)
+                return False
+            self._slot_of = {key_bytes(key): slot for slot, key in entries}
+            self._journal_id = journal_id
+        return True
+
+    def _data_fd(self) -> int:
+        if self._fd < 0:
+            path = os.path.join(self.directory, DATA_NAME)
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            if self._o_direct and hasattr(os, "O_DIRECT"):
+                try:
+                    self._fd = os.open(path, flags | os.O_DIRECT)
+                    return self._fd
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+            self._fd = os.open(path, flags)
+        return self._fd
+
+    def read(self, arena: HostArena, pairs: Sequence[tuple[int, int, BlockKey]]) -> list[bool]:
+        """Load ``(disk_slot, arena_slot, key)`` blocks into the arena, verified; per-block
+        success (a failed block's arena header is wiped)."""
+        if arena.slot_bytes != self.slot_bytes:
+            raise StorageError(f"disk reader {self.directory}: arena slots are "
+                               f"{arena.slot_bytes} B, disk slots {self.slot_bytes} B")
+        ok = [False] * len(pairs)
+        for i, (disk_slot, arena_slot, key) in enumerate(pairs):
+            view = arena.slot_view(arena_slot)
+            try:
+                moved = os.preadv(self._data_fd(), [view], disk_slot * self.slot_bytes)
+            except OSError as exc:
+                self.failed_reads[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+                moved = -1
+            if moved == self.slot_bytes and arena.check(arena_slot, key, self.fingerprint) is None:
+                ok[i] = True
+                continue
+            if moved == self.slot_bytes:
+                self.failed_reads[_failure_reason(arena.header(arena_slot),
+                                                  arena.payload(arena_slot), key,
+                                                  self.fingerprint)] += 1
+            elif moved >= 0:
+                self.failed_reads["short_read"] += 1
+            arena.header(arena_slot)[:] = 0
+        return ok
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
