@@ -108,6 +108,17 @@ class HostPoolStandIn:
         return self.page_bytes(page)
 
 
+def page_hashes(tokens: list[int]) -> list[str]:
+    """SGLang's own chained page hashes (what HiCache hands a storage backend as keys)."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    keys, prior = [], None
+    for start in range(0, len(tokens), PAGE):
+        prior = get_hash_str(tokens[start:start + PAGE], prior)
+        keys.append(prior)
+    return keys
+
+
 def indices(pages) -> torch.Tensor:
     return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages])
 
@@ -155,7 +166,7 @@ def stored_pages(pool, keys, pages, seed=0):
 def assert_round_trip(make_backend, layout: str, mla: bool) -> None:
     src = HostPoolStandIn(layout, mla=mla)
     backend = make_backend(src, mla=mla)
-    keys = [f"hash{i}" for i in range(4)]
+    keys = page_hashes(list(range(100, 100 + 4 * PAGE)))
     want = stored_pages(src, keys, range(4))
     assert backend.batch_set_v1(keys, indices(range(4))) == [True] * 4
     assert backend.batch_get_v1(keys, indices(range(4, 8))) == [True] * 4
@@ -397,3 +408,37 @@ def test_pages_round_trip_through_a_real_redis(make_backend, make_redis):
     fresh.kv_buffer.zero_()
     assert reader.batch_get_v1(keys, indices([4, 5])) == [True, False]
     assert fresh.page_bytes(5) == bytes(len(want["g1"]))
+
+
+def test_backup_and_prefetch_threads_at_once(make_backend):
+    """SGLang stores from its backup thread while its prefetch threads load: both at once."""
+    import threading
+
+    pool = HostPoolStandIn("layer_first", num_pages=12)
+    backend = make_backend(pool, disk_cache_blocks=64)
+    old = stored_pages(pool, ["old0", "old1"], [0, 1], seed=50)
+    assert backend.batch_set_v1(["old0", "old1"], indices([0, 1])) == [True, True]
+    errors: list[str] = []
+
+    def backup():
+        for round_ in range(20):
+            keys = [f"new{round_}-{i}" for i in range(2)]
+            if backend.batch_set_v1(keys, indices([2, 3])) != [True, True]:
+                errors.append(f"store {round_}")
+
+    def prefetch(first_page):
+        for round_ in range(20):
+            dst = [first_page, first_page + 1]
+            if backend.batch_get_v1(["old0", "old1"], indices(dst)) != [True, True]:
+                errors.append(f"load {round_}")
+            elif [pool.page_bytes(p) for p in dst] != [old["old0"], old["old1"]]:
+                errors.append(f"bytes {round_}")
+
+    threads = [threading.Thread(target=backup), threading.Thread(target=prefetch, args=(4,)),
+               threading.Thread(target=prefetch, args=(6,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert backend.batch_exists([f"new{r}-{i}" for r in range(20) for i in range(2)]) == 40
