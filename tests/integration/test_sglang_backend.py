@@ -378,6 +378,19 @@ def test_v2_methods_raise_and_bad_settings_are_refused(make_backend):
         make_backend(odd)
 
 
+def test_a_failed_attach_leaves_the_disk_tier_free(make_backend, tmp_path):
+    from kvtier.errors import ConfigError
+
+    settings = {"disk_dir": str(tmp_path / "attach"), "disk_cache_blocks": 4}
+    with pytest.raises(ConfigError, match="nosuchstore"):  # fails after the disk tier opened
+        make_backend(HostPoolStandIn("page_first"), remote_url="nosuchstore://h:1", **settings)
+    pool = HostPoolStandIn("page_first")
+    backend = make_backend(pool, **settings)  # the lock was released: this attach works
+    want = pool.fill(0, 4)
+    assert backend.batch_set_v1(["p"], indices([0])) == [True]
+    assert backend.batch_get_v1(["p"], indices([1])) == [True] and pool.page_bytes(1) == want
+
+
 def test_get_stats_is_sglangs_type_or_none(make_backend):
     backend = make_backend(HostPoolStandIn("page_first"))
     stats = backend.get_stats()

@@ -144,6 +144,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.disk_manager: DiskManager | None = None
         self.disk_reader: DiskReader | None = None
         self.remote: RetryingBackend | None = None
+        self._load_arena: HostArena | None = None
+        self._store_arena: HostArena | None = None
         self._remote_admission = make_admission_policy(self.config.remote_admission)
         self._lock = threading.Lock()  # the DiskManager, counters
         self._load_lock = threading.Lock()  # the load staging arena
@@ -172,8 +174,20 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.fingerprint = geometry.fingerprint(self.model_id)
         slot_bytes = slot_bytes_for(geometry)
         num = max(1, min(MAX_STAGING_PAGES, STAGING_BYTES // slot_bytes))
-        self._load_arena = HostArena(num, geometry)
-        self._store_arena = HostArena(num, geometry) if self.writer else None
+        try:
+            self._load_arena = HostArena(num, geometry)
+            self._store_arena = HostArena(num, geometry) if self.writer else None
+            self._open_tiers(slot_bytes)
+        except BaseException:
+            self.close()  # nothing stays open (a later attach finds the disk tier free)
+            raise
+        logger.info("kvtier: SGLang L3 for %s (%s, %s): %d B pages, disk %s, remote %s",
+                    self.model_id, self.shard, mem_pool_host.layout, page_bytes,
+                    "writer" if self.disk else "reader" if self.disk_reader else "off",
+                    self.remote.url if self.remote else "off")
+        self.mem_pool_host = mem_pool_host
+
+    def _open_tiers(self, slot_bytes: int) -> None:
         cfg, c = self.config, self.storage_config
         if cfg.has_disk:
             directory = os.path.join(cfg.disk_dir,
@@ -205,17 +219,16 @@ class KvtierHiCacheStorage(HiCacheStorage):
             namespace = make_namespace(self.model_id, self.fingerprint, self._shard_index)
             self.remote = RetryingBackend(cfg.remote_url, namespace=namespace,
                                           timeout_s=cfg.remote_timeout_ms / 1000)
-        logger.info("kvtier: SGLang L3 for %s (%s, %s): %d B pages, disk %s, remote %s",
-                    self.model_id, self.shard, mem_pool_host.layout, page_bytes,
-                    "writer" if self.disk else "reader" if self.disk_reader else "off",
-                    self.remote.url if self.remote else "off")
-        self.mem_pool_host = mem_pool_host
 
     def close(self) -> None:
-        for tier in (self.disk, self.disk_reader, self.remote):
-            if tier is not None:
-                tier.close()
+        """Release the tiers and staging memory (SGLang calls this on detach)."""
+        for part in (self.disk, self.disk_reader, self.remote, self._load_arena,
+                     self._store_arena):
+            if part is not None:
+                part.close()
         self.disk = self.disk_reader = self.remote = None
+        self._load_arena = self._store_arena = None
+        self.disk_manager = None
 
     # -- keys and buffers -----------------------------------------------------------------
 
