@@ -284,6 +284,7 @@ def test_mla_rank_1_writes_nothing_and_reads_rank_0s_pages(make_backend, tmp_pat
     assert ranks[1].batch_get_v1(["h"], indices([3])) == [False]
     assert pools[1].page_bytes(3) == bytes(len(want))
     assert ranks[1].stats()["disk_reader_failed_reads"] == {"checksum": 1}
+    assert ranks[1].batch_exists(["h"]) == 0  # forgotten until rank 0's journal changes
 
 
 def test_a_corrupt_page_on_disk_is_a_miss_never_wrong_bytes(make_backend):

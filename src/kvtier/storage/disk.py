@@ -883,6 +883,8 @@ class DiskReader:
             elif moved >= 0:
                 self.failed_reads["short_read"] += 1
             arena.header(arena_slot)[:] = 0
+            # Forget the entry: the next lookup re-reads the journal (the slot was reused).
+            self._slot_of.pop(key_bytes(key), None)
         return ok
 
     def close(self) -> None:
