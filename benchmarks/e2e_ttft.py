@@ -1,17 +1,28 @@
-"""TTFT of a repeated 8k-token prefix after device eviction, on the CPU build of vLLM.
+"""TTFT of a repeated 2-3k-token prefix after device eviction, on the CPU build of vLLM, with the
+KV footprint of a real model.
 
-Engines (each in its own process, tiny random-weight Llama, device prefix cache reset before
-every prompt so reuse must come from the connector):
+The model is random-weight and tiny in compute, but its KV is the size of Llama-3.1-8B's:
+``KV_SIZED_LLAMA`` (32 layers x 4 KV heads x head_dim 128 x K,V in float32 = 128 KiB per
+token, the bytes of 32 x 8 x 128 x K,V in bf16) with hidden 256, 4 query heads and a 256-wide
+MLP, so a prefill stays affordable on 2 cores while every load moves real-model bytes.
+
+Engines (each in its own process, run in-process there so the connector's methods can be
+timed; device prefix cache reset before every prompt so reuse must come from the connector):
   recompute           vLLM alone
   example_connector   vLLM's built-in ExampleConnector (safetensors files on disk)
   kvtier G2           host + disk tiers: P stored, then repeated (G2 hits)
   kvtier G3           a restarted engine without a host tier on the same disk: P repeated
-                      (G3 hits)
-Also the scheduler-side time kvtier adds per request per step, measured on vLLM's real
-Scheduler with and without the connector (no model).
+                      (G3 hits, O_DIRECT reads from the device)
+  kvtier G3 buffered  the same without O_DIRECT (after one cold read P is in the page cache,
+                      as ExampleConnector's just-written files are)
+  device hit          vLLM's own prefix cache (no reset): the floor every hit sits on
+Also the scheduler-side time kvtier adds over a request's whole life (match, allocation, every
+step's metadata, worker output, finish), measured on vLLM's real Scheduler with and without
+the connector (no model), and the worker-side time of the real engine's connector calls.
 
-Metrics: g2_hit_vs_recompute, g3_hit_vs_recompute, g3_vs_example_connector (ratio = the
-other's TTFT / kvtier's TTFT) and sched_overhead_us (value).
+Metrics: g2_hit_vs_recompute, g3_hit_vs_recompute, g3_vs_example_connector,
+g3_buffered_vs_example_connector (ratio = the other's TTFT / kvtier's TTFT), sched_overhead_us and worker_overhead_us (ratio = kvtier's
+hooks / vLLM's own cost per request).
 """
 
 from __future__ import annotations
@@ -20,8 +31,10 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +42,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
-from kvtier.cli.tiny_model import make_tiny_llama, random_words
-from kvtier.cli.vllm_job import run_job_process
+from kvtier.cli.tiny_model import VOCAB_SIZE, make_tiny_llama, random_words
+
+# The KV of Llama-3.1-8B (32 layers x 8 KV heads x 128 x K,V x 2 B = 128 KiB per token) in
+# float32 (the engines run in float32, ENVIRONMENT.md 4a): 4 KV heads of 128 x 4 B. The
+# compute is tiny: 4 query heads, hidden 256, MLP 256. Built here, not in kvtier.cli.tiny_model,
+# whose make_tiny_llama writes its one geometry only.
+KV_SIZED_LLAMA = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 32,
+                  "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 128,
+                  "initializer_range": 0.02}
+KV_DTYPE_BYTES = 4  # float32
+
+
+def kv_bytes_per_token(geometry: dict = KV_SIZED_LLAMA) -> int:
+    return (2 * geometry["num_hidden_layers"] * geometry["num_key_value_heads"]
+            * geometry["head_dim"] * KV_DTYPE_BYTES)
+
+
+def make_kv_sized_llama(out_dir: Path, tiny_dir: Path, *, max_positions: int = 8192) -> Path:
+    """KV_SIZED_LLAMA with random float32 weights and the tiny model's tokenizer (idempotent)."""
+    out = Path(out_dir)
+    marker = out / "kvtier-kv-sized.json"
+    settings = {"max_positions": max_positions, "vocab": VOCAB_SIZE, **KV_SIZED_LLAMA}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(tiny_dir).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2, torch_dtype="float32", **KV_SIZED_LLAMA)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+    marker.write_text(json.dumps(settings))
+    return out
 
 
 def free_port() -> int:
@@ -39,112 +87,343 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ttft_jobs(model: str, workdir: Path, tokens: int, repeats: int) -> dict[str, float]:
+# ---------------------------------------------------------------------------------------
+# Hook timers: the connector's methods (both roles) and vLLM's own scheduler and engine step,
+# wrapped on the live instances of an engine that runs in this process.
+
+SCHEDULER_HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc",
+                   "get_external_cache_hit_sources", "build_connector_meta",
+                   "update_connector_output", "request_finished", "take_events")
+WORKER_HOOKS = ("start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_save",
+                "get_finished", "get_block_ids_with_load_errors", "build_connector_worker_meta")
+VLLM_PARTS = ("vllm_schedule", "vllm_update_from_output", "engine_step")
+
+
+class HookTimers:
+    """Cumulative [calls, seconds] per wrapped method."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+        slot = self.totals.setdefault(name, [0, 0.0])
+        perf = time.perf_counter
+
+        def timed(*args, **kwargs):
+            t0 = perf()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                slot[0] += 1
+                slot[1] += perf() - t0
+        setattr(obj, attr, timed)
+
+    def install(self, llm) -> dict:
+        """Wrap the engine's connector (scheduler and worker roles), its scheduler and step.
+        Needs the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+        from vllm.distributed.kv_transfer.kv_transfer_state import (
+            get_kv_transfer_group,
+            has_kv_transfer_group,
+        )
+        core = llm.llm_engine.engine_core.engine_core
+        scheduler = core.scheduler
+        if scheduler.connector is not None:
+            for hook in SCHEDULER_HOOKS:
+                self.wrap(scheduler.connector, hook, "s." + hook)
+        if has_kv_transfer_group():
+            worker = get_kv_transfer_group()
+            for hook in WORKER_HOOKS:
+                self.wrap(worker, hook, "w." + hook)
+        self.wrap(scheduler, "schedule", "vllm_schedule")
+        self.wrap(scheduler, "update_from_output", "vllm_update_from_output")
+        self.wrap(core, "step_fn", "engine_step")
+        return {"device_kv_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks}
+
+    def snapshot(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.totals.items()}
+
+    @staticmethod
+    def delta(after: dict, before: dict) -> dict[str, list[float]]:
+        return {k: [v[0] - before.get(k, [0, 0.0])[0], v[1] - before.get(k, [0, 0.0])[1]]
+                for k, v in after.items()}
+
+
+def split_costs(d: dict[str, list[float]]) -> dict[str, float]:
+    """Seconds of kvtier's scheduler hooks, its worker hooks, vLLM's scheduler without them
+    and the engine step without kvtier's worker hooks, from one HookTimers delta."""
+    sched = sum(v[1] for k, v in d.items() if k.startswith("s."))
+    work = sum(v[1] for k, v in d.items() if k.startswith("w."))
+    vllm_sched = (d.get("vllm_schedule", [0, 0.0])[1]
+                  + d.get("vllm_update_from_output", [0, 0.0])[1] - sched)
+    step = d.get("engine_step", [0, 0.0])[1]
+    return {"kvtier_sched_s": sched, "kvtier_worker_s": work, "vllm_sched_s": vllm_sched,
+            "engine_step_s": step, "engine_step_without_kvtier_s": step - sched - work,
+            "steps": d.get("engine_step", [0, 0.0])[0]}
+
+
+def _child_main(spec_path: str) -> int:
+    """Run one kvtier.cli.vllm_job job with its engine in this process and every generate()
+    call's hook time recorded (one entry per call, in order)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    with open(spec_path) as f:
+        job = json.load(f)
+    import vllm
+
+    from kvtier.cli import vllm_job
+
+    timers = HookTimers()
+    calls: list[dict] = []
+    info: dict = {}
+    base_llm = vllm.LLM
+
+    class TimedLLM(base_llm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            info.update(timers.install(self))
+
+        def generate(self, *args, **kwargs):
+            before = timers.snapshot()
+            profile = job.get("profile_call") == len(calls)
+            try:
+                if not profile:
+                    return super().generate(*args, **kwargs)
+                import torch.profiler
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    out = super().generate(*args, **kwargs)
+                info["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                            row_limit=14, max_name_column_width=48)
+                return out
+            finally:
+                calls.append(HookTimers.delta(timers.snapshot(), before))
+
+    vllm.LLM = TimedLLM
+    result = vllm_job.run_job(job)
+    result["hook_calls"] = calls
+    result.update(info)
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def run_timed_job(job: dict, log_path: str, timeout_s: float = 1800) -> dict:
+    """A vllm_job job in a fresh process, its engine in-process there, hooks timed."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+        spec = f.name
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.run([sys.executable, __file__, "--child", spec],
+                                  stdout=subprocess.PIPE, stderr=log, text=True,
+                                  timeout=timeout_s, check=False)
+    finally:
+        os.unlink(spec)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"')]
+    with open(log_path, "a") as log:  # vLLM logs to stdout
+        log.writelines(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith('{"'))
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM job failed (exit {proc.returncode}); see {log_path}")
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------
+
+def ttft_jobs(model: str, workdir: Path, tokens: int, repeats: int) -> dict:
     rng = random.Random(0)
     p = random_words(rng, tokens)
-    base = {"model": model, "block_size": 32, "max_model_len": tokens + 2048}
-    blocks = tokens // 32
+    bpt = kv_bytes_per_token()
+    blocks = -(-tokens // 32)
+    kv_cache_gb = 1
+    if (tokens + 64) * bpt > kv_cache_gb * 2**30:
+        raise SystemExit(f"the device KV cache ({kv_cache_gb} GiB) cannot hold a {tokens}-token "
+                         "prompt: raise kv_cache_gb")
+    base = {"model": model, "block_size": 32, "max_model_len": tokens + 64,
+            "kv_cache_gb": kv_cache_gb, "dtype": "float32"}
 
     def phase(prompts):
         return {"prompts": prompts, "max_tokens": 1, "reset_device_cache": True}
 
-    log = str(workdir / "engines.log")
-    recompute = run_job_process({**base, "phases": [phase([p]), phase([p] * repeats)]},
-                                log_path=log)
-    example = run_job_process({**base, "connector": {
+    log = str(workdir.parent / f"{workdir.name}-engines.log")  # kept after the run
+    # Last phase without resets: vLLM's own device prefix cache serves P, the floor every
+    # connector's hit sits on (the engine computing the prompt's last block over the prefix).
+    # The last prompt of these runs is profiled (torch.profiler) and left out of the medians.
+    # Then P + one block of new words (new each time) on top of the cached P: a second sample
+    # of that floor. P is block-aligned, so every path here (vLLM's cache, ExampleConnector,
+    # kvtier) serves all blocks but the last and computes its 32 tokens.
+    tails = [f"{p} {random_words(rng, 32)}" for _ in range(repeats)]
+    recompute = run_timed_job({**base, "max_model_len": tokens + 96,
+                               "profile_call": 2 * repeats + 1, "phases": [
+        phase([p]), phase([p] * repeats),
+        {"prompts": [p] * (repeats + 1) + tails, "max_tokens": 1,
+         "reset_device_cache": False}]}, log)
+    example = run_timed_job({**base, "connector": {
         "name": "ExampleConnector", "extra": {"shared_storage_path": str(workdir / "example")}},
-        "phases": [phase([p]), phase([p] * repeats)]}, log_path=log)
+        "phases": [phase([p]), phase([p] * repeats)]}, log)
     kvtier = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm"}
-    disk = {"disk_cache_blocks": 4 * blocks, "disk_dir": str(workdir / "g3"),
+    disk = {"disk_cache_blocks": 2 * blocks, "disk_dir": str(workdir / "g3"),
             "disk_admission": "always"}
     # Host + disk: P stored, then repeated (G2 hits).
-    host_run = run_job_process({**base, "connector": {**kvtier, "extra": {
-        "host_cache_blocks": 4 * blocks, **disk, "metrics_port": free_port()}},
-        "phases": [phase([p]), phase([p] * repeats)]}, log_path=log)
+    host_run = run_timed_job({**base, "profile_call": repeats + 1, "connector": {
+        **kvtier, "extra": {"host_cache_blocks": 2 * blocks, **disk,
+                            "metrics_port": free_port()}},
+        "phases": [phase([p]), phase([p] * (repeats + 1))]}, log)
     # A restarted engine without a host cache: P comes from the disk tier alone (G3 hits).
-    disk_run = run_job_process({**base, "connector": {**kvtier, "extra": {
+    disk_run = run_timed_job({**base, "connector": {**kvtier, "extra": {
         **disk, "metrics_port": free_port()}},
-        "phases": [phase([p] * repeats)]}, log_path=log)
-    g2 = host_run["phases"][1]["ttft_s"]
+        "phases": [phase([p] * (repeats + 1))]}, log)
+    # The same without O_DIRECT: after its first (cold) read P is in the page cache, as
+    # ExampleConnector's files are (written moments before): like-for-like with it.
+    buffered_run = run_timed_job({**base, "connector": {**kvtier, "extra": {
+        **disk, "disk_o_direct": False}}, "phases": [phase([p] * (repeats + 1))]}, log)
+    g2 = host_run["phases"][1]["ttft_s"][:repeats]
     # The restarted engine's first request also waits for the disk index: not a steady hit.
     g3 = disk_run["phases"][0]["ttft_s"][1:]
-    served = {f"{name}:{k}": v for name, run in (("host_run", host_run), ("disk_run", disk_run))
-              for k, v in run.get("metrics", {}).items() if "matched_tokens" in k}
+    g3_buffered = buffered_run["phases"][0]["ttft_s"][1:]
+    metrics = {f"{name}:{k}": v for name, run in (("host_run", host_run), ("disk_run", disk_run))
+               for k, v in run.get("metrics", {}).items()
+               if "matched_tokens" in k or "transfer_seconds_sum" in k
+               or "transfer_bytes" in k or "checksum" in k}
+    # Each prompt is one generate() call: hook_calls[0] is the store (no hit), the rest hits.
+    store = split_costs(host_run["hook_calls"][0])
+    g2_calls = [split_costs(c) for c in host_run["hook_calls"][1:1 + repeats]]
+    g3_calls = [split_costs(c) for c in disk_run["hook_calls"][1:]]
+    plain_calls = [split_costs(c) for c in recompute["hook_calls"][1:1 + repeats]]
     return {"recompute": statistics.median(recompute["phases"][1]["ttft_s"]),
             "example_connector": statistics.median(example["phases"][1]["ttft_s"]),
+            "device_hit": statistics.median(recompute["phases"][2]["ttft_s"][:repeats]),
+            "device_hit_new_tail": statistics.median(
+                recompute["phases"][2]["ttft_s"][repeats + 1:]),
+            "kvtier_g3_buffered": statistics.median(g3_buffered),
+            "samples": {"recompute": recompute["phases"][1]["ttft_s"],
+                        "device_hit": recompute["phases"][2]["ttft_s"][:repeats],
+                        "device_hit_new_tail": recompute["phases"][2]["ttft_s"][repeats + 1:],
+                        "example_connector": example["phases"][1]["ttft_s"],
+                        "kvtier_g2": g2, "kvtier_g3": g3, "kvtier_g3_buffered": g3_buffered},
+            "profiles": {"device_hit": recompute.get("profile", ""),
+                         "kvtier_g2": host_run.get("profile", "")},
             "kvtier_g2": statistics.median(g2), "kvtier_g3": statistics.median(g3),
-            "served": served}
+            "metrics": metrics, "store": store, "g2_calls": g2_calls, "g3_calls": g3_calls,
+            "plain_calls": plain_calls, "g2_hook_calls": host_run["hook_calls"][1:1 + repeats],
+            "g3_hook_calls": disk_run["hook_calls"][1:],
+            "device_kv_tokens": host_run.get("device_kv_blocks", 0) * 32,
+            "init_s": {"recompute": recompute["init_s"], "example": example["init_s"],
+                       "host_run": host_run["init_s"], "disk_run": disk_run["init_s"]}}
 
 
-_SCHEDULER_HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc",
-                    "build_connector_meta", "update_connector_output", "request_finished",
-                    "take_events")
-
-
-def sched_overhead_us(model: str, num_requests: int, steps: int) -> tuple[float, float]:
-    """(us kvtier's scheduler-side hooks take per request per step, us vLLM's scheduler step
-    takes per request without a connector), on vLLM's real Scheduler driving decode steps of
-    ``num_requests`` requests (no model). The hooks are timed directly, so the figure is what
-    kvtier adds, not the noise of two separate runs."""
+def sched_overhead_us(model: str, num_requests: int, max_tokens: int) -> tuple[float, float]:
+    """(us kvtier's scheduler-side hooks take per request over its whole life, us vLLM's
+    scheduler takes per request without a connector), on vLLM's real Scheduler driving
+    ``num_requests`` requests from arrival (match, allocation, chunked prefill) through
+    ``max_tokens`` decode steps to finish (no model; every block stored to the host tier).
+    The hooks are timed directly, so the figure is what kvtier adds, not the noise of two
+    separate runs."""
     from sched_harness import make_harness
 
     def run(extra):
         h = make_harness(model, extra, num_blocks=4096, max_num_seqs=num_requests)
+        timers = HookTimers()
+        connector = h.scheduler.connector
+        for hook in SCHEDULER_HOOKS if connector is not None else ():
+            timers.wrap(connector, hook, "s." + hook)
+        timers.wrap(h.scheduler, "schedule", "vllm_schedule")
+        timers.wrap(h.scheduler, "update_from_output", "vllm_update_from_output")
         rng = random.Random(1)
         for i in range(num_requests):
-            h.add(f"r{i}", [rng.randint(3, 1000) for _ in range(512)], max_tokens=steps + 64)
-        for _ in range(4):     # prefill and warm up
-            h.step()
-        spent = [0.0]
-        connector = h.scheduler.connector
-        for name in _SCHEDULER_HOOKS if connector is not None else ():
-            setattr(connector, name, _timed(getattr(connector, name), spent))
-        started = time.perf_counter()
-        for _ in range(steps):
-            h.step()
-        total = time.perf_counter() - started
-        per_request_step = 1e6 / (steps * num_requests)
-        return spent[0] * per_request_step, total * per_request_step
+            h.add(f"r{i}", [rng.randint(3, 1000) for _ in range(512)], max_tokens=max_tokens)
+        h.run()
+        costs = split_costs(timers.totals)
+        return (1e6 * costs["kvtier_sched_s"] / num_requests,
+                1e6 * costs["vllm_sched_s"] / num_requests)
 
+    run({"host_cache_blocks": 8192})  # warm-up (imports, first allocations)
     hooks_us = statistics.median(run({"host_cache_blocks": 8192})[0] for _ in range(3))
     plain_us = statistics.median(run(None)[1] for _ in range(3))
     return hooks_us, plain_us
 
 
-def _timed(fn, spent: list[float]):
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - t0
-    return wrapper
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="prompt length in tokens (default 2048, full run 3072)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    repeats = 3 if args.quick else 6
+    if args.child:
+        return _child_main(args.child)
+    tokens = args.tokens or (2048 if args.quick else 3072)
+    repeats = 3 if args.quick else 5
     workdir = Path(tempfile.mkdtemp(prefix="kvtier-e2e-"))
-    model = str(make_tiny_llama(workdir / "tiny"))
-    t = ttft_jobs(model, workdir, args.tokens - 256, repeats)
-    overhead, plain = sched_overhead_us(model, 32, 20 if args.quick else 100)
-    print(f"{'path':<28}{'median TTFT':>14}")
-    for name in ("recompute", "example_connector", "kvtier_g2", "kvtier_g3"):
-        print(f"{name:<28}{t[name] * 1000:>11.1f} ms")
-    print(f"tokens served: {t['served']}")
-    print(f"kvtier's scheduler hooks: {overhead:.1f} us per request per step (vLLM's own "
-          f"scheduler step: {plain:.1f} us per request)")
+    try:
+        return _run(args, workdir, tokens, repeats)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args, workdir: Path, tokens: int, repeats: int) -> int:
+    tiny = make_tiny_llama(workdir / "tiny")
+    model = str(make_kv_sized_llama(workdir / "kv-sized", tiny))
+    bpt = kv_bytes_per_token()
+    g = KV_SIZED_LLAMA
+    print(f"geometry: {g['num_hidden_layers']} layers x {g['num_key_value_heads']} KV heads x "
+          f"head_dim {g['head_dim']}, hidden {g['hidden_size']}, {g['num_attention_heads']} "
+          f"query heads, MLP {g['intermediate_size']}, float32: {bpt} B/token; prompt "
+          f"{tokens} tokens = {tokens * bpt / 2**20:.0f} MiB of KV")
+    t = ttft_jobs(model, workdir, tokens, repeats)
+    overhead, plain = sched_overhead_us(str(tiny), 32, 20 if args.quick else 100)
+    print(f"device KV cache: {t['device_kv_tokens']} tokens (prompt {tokens})")
+    print(f"{'path':<28}{'median TTFT':>14}{'min':>10}   samples (ms)")
+    for name in ("recompute", "device_hit", "device_hit_new_tail", "example_connector",
+                 "kvtier_g2", "kvtier_g3", "kvtier_g3_buffered"):
+        samples = t["samples"][name]
+        print(f"{name:<28}{t[name] * 1000:>11.1f} ms{min(samples) * 1000:>7.0f} ms   "
+              + " ".join(f"{x * 1000:.0f}" for x in samples))
+    print("(device_hit: vLLM's own prefix cache, no reset: the floor of any connector's hit, "
+          "all blocks but the last served, 32 tokens computed; device_hit_new_tail: a new "
+          "block after the cached prefix, the same floor; kvtier_g3_buffered: the G3 engine "
+          "without O_DIRECT, P in the page cache as ExampleConnector's files are)")
+    print("kvtier metrics (tokens served, transfer seconds and bytes):")
+    for k, v in sorted(t["metrics"].items()):
+        print(f"  {k} = {v:.4g}")
+    print("per hit request, median ms: kvtier scheduler hooks / worker hooks / engine step "
+          "without them / steps")
+    for name in ("plain_calls", "g2_calls", "g3_calls"):
+        rows = t[name]
+        if rows:
+            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            print(f"  {name:<12} {med['kvtier_sched_s'] * 1e3:8.2f} "
+                  f"{med['kvtier_worker_s'] * 1e3:8.2f} "
+                  f"{med['engine_step_without_kvtier_s'] * 1e3:9.1f} {med['steps']:5.0f}")
+    for name in ("g2_hook_calls", "g3_hook_calls"):
+        if t[name]:
+            last = t[name][-1]
+            print(f"  {name} (last request): " + ", ".join(
+                f"{k}={v[1] * 1e3:.2f}ms/{v[0]}" for k, v in sorted(last.items()) if v[0]))
+    for name, table in t["profiles"].items():
+        print(f"torch profile of one {name} request (top ops by self CPU time):\n{table}")
+    store = t["store"]
+    worker_us = store["kvtier_worker_s"] * 1e6
+    store_base_us = store["engine_step_without_kvtier_s"] * 1e6
+    print(f"store request (no hit, {tokens} tokens stored): kvtier worker hooks "
+          f"{worker_us / 1e3:.2f} ms, scheduler hooks {store['kvtier_sched_s'] * 1e3:.2f} ms, "
+          f"engine step without them {store_base_us / 1e3:.1f} ms over {store['steps']} steps")
+    print(f"kvtier's scheduler hooks over a request's life: {overhead:.1f} us per request "
+          f"(vLLM's own scheduler: {plain:.1f} us per request)")
     results = [
         _ratio("g2_hit_vs_recompute", t["recompute"], t["kvtier_g2"], "recompute"),
         _ratio("g3_hit_vs_recompute", t["recompute"], t["kvtier_g3"], "recompute"),
         _ratio("g3_vs_example_connector", t["example_connector"], t["kvtier_g3"],
                "example_connector"),
-        {"metric": "sched_overhead_us", "value": round(overhead, 2), "unit": "us",
-         "baseline": "vllm_scheduler_step_per_request", "baseline_value": round(plain, 2),
+        _ratio("g3_buffered_vs_example_connector", t["example_connector"],
+               t["kvtier_g3_buffered"], "example_connector"),
+        {"metric": "sched_overhead_us", "value": round(overhead, 2), "unit": "us_per_request",
+         "baseline": "vllm_scheduler_per_request", "baseline_value": round(plain, 2),
          "ratio": round(overhead / plain, 3) if plain else None},
+        {"metric": "worker_overhead_us", "value": round(worker_us, 1),
+         "unit": "us_per_request_storing", "baseline": "vllm_engine_steps_per_request",
+         "baseline_value": round(store_base_us, 1),
+         "ratio": round(worker_us / store_base_us, 4) if store_base_us else None},
     ]
     print(json.dumps({"bench": "e2e_ttft", "results": results}))
     return 0
