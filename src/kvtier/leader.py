@@ -107,11 +107,13 @@ class Leader:
     def __init__(self, config: KvtierConfig, *, block_tokens: int, block_bytes: int,
                  max_blocks_per_request: int, metrics: KvtierMetrics | None = None,
                  events: bool = False, world_size: int = 1,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, remote_loads: bool = True) -> None:
         """``world_size``: the ranks that execute each plan and report it (vLLM: the
         parallel config's world size, the count its own KV output aggregator waits for).
         ``clock``: the time base of admission policies that decay with time (default: the
-        monotonic clock; a replay passes its trace's)."""
+        monotonic clock; a replay passes its trace's). ``remote_loads=False``: never match
+        blocks from G4, only put them there (for an engine that cannot recompute a block whose
+        load fails: the store may evict any block between the match and the read)."""
         self.config = config
         self.block_tokens = block_tokens
         self.block_bytes = block_bytes
@@ -141,6 +143,7 @@ class Leader:
                                block_tokens, self._recompute_from)
             self.offloads = OffloadPipeline(self.host, self.disk, self.remote, self.ops)
 
+        self._remote_loads = remote_loads
         self._requests: dict[str, _Request] = {}
         self._rank_lag_logged = False
         self._unkeyable_logged: set[str] = set()
@@ -190,7 +193,8 @@ class Leader:
         start = num_computed_tokens // self.block_tokens
         # Never the whole prompt: the engine must compute at least one token.
         limit = min((len(token_ids) - 1) // self.block_tokens, len(req.hashes))
-        remote = self.remote if self.remote is not None and self.remote.healthy else None
+        remote = (self.remote if self.remote is not None and self.remote.healthy
+                  and self._remote_loads else None)
         tiers = self._tiers_of_prefix(req, start, limit, remote) if limit > start else []
         if (remote is not None and start + len(tiers) < limit
                 and remote.awaits_probe(req_id, start + len(tiers),

@@ -205,3 +205,31 @@ def test_remote_stats_feed_the_counters():
     leader.on_report(WorkerReport(remote_stats={"timeouts": 2, "checksum_failures": 1}))
     assert leader.metrics.value("kvtier_remote_events", event="timeouts") == 2
     assert leader.metrics.value("kvtier_checksum_failures") == 1
+
+
+def test_without_remote_loads_blocks_go_to_the_store_but_never_come_from_it():
+    # TensorRT-LLM's leader: the store may evict a block between the match and the read, and
+    # that engine cannot recompute a block whose load fails, so G4 is write-only for it.
+    cfg = KvtierConfig(onboard_mode="always", remote_url=URL, host_cache_blocks=1)
+    leader = Leader(cfg, block_tokens=BT, block_bytes=4096, max_blocks_per_request=64,
+                    remote_loads=False)
+    tokens = tokens_of(2)
+    assert leader.match("a", tokens, 0) == 0, "no probe, no G4 match"
+    assert not leader.take_plan().remote_probes
+    leader.progress("a", tokens, len(tokens), [1, 2])
+    plan = leader.take_plan()
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids)))
+    puts = leader.take_plan().remote_puts
+    assert len(puts) == 1   # the one G2 slot's block goes to the store
+    leader.on_report(WorkerReport(ops_ok=list(puts.op_ids)))
+    assert leader.remote_holds(puts.keys[0])
+    leader.finish("a")
+    # Another block takes the one G2 slot: the first is now only in the store.
+    other = tokens_of(1, seed=500)
+    leader.match("x", other, 0)
+    leader.progress("x", other, len(other), [3])
+    leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().stores.op_ids)))
+    leader.finish("x")
+    assert leader.remote_holds(puts.keys[0]) and not leader.g2.lookup([puts.keys[0]])
+    assert leader.match("b", tokens, 0) == 0
+    assert not leader.take_plan().remote_probes

@@ -59,8 +59,9 @@ Limits of the 1.2.x API, said plainly: it has no channel for blocks that failed 
 dropped from its tier, but the engine computes on with that device block as it was; requests
 with LoRA, multimodal inputs or prompt tables are served without kvtier (their ids are not
 content keys kvtier can trust); TensorRT-LLM asks ``get_num_new_matched_tokens`` once per
-request, so a match that would need another step (a disk index still loading, a G4 probe in
-flight) is a miss; attention data parallelism and ``KVCacheManagerV2`` layouts are not
+request, so a match that would need another step (a disk index still loading) is a miss;
+blocks are put to G4 (for other engines to share) but never loaded from it, since the store
+may evict a block between the match and the read and a failed load cannot be recomputed; attention data parallelism and ``KVCacheManagerV2`` layouts are not
 supported; KV events are TensorRT-LLM's own.
 """
 
@@ -300,9 +301,11 @@ class KvtierConnectorScheduler(_SchedulerBase):
                                    "0's worker registers it in register_kv_caches); kvtier "
                                    "matches and stores nothing until it is")
                 return None
+            # No loads from G4: the 1.2.x API cannot have a block recomputed whose load fails,
+            # and the store may evict any block between the match and the read.
             self.leader = Leader(self.config, block_tokens=self.block_tokens,
                                  block_bytes=block_bytes, max_blocks_per_request=self._max_blocks,
-                                 world_size=self.world_size)
+                                 world_size=self.world_size, remote_loads=False)
             if self.config.metrics_port:
                 self.leader.metrics.serve(self.config.metrics_port)
             layout = self.leader.layout
