@@ -330,11 +330,16 @@ def test_disk_tier_restores_a_prefix_byte_for_byte(env):
 
 
 # -- two ranks ------------------------------------------------------------------------------
-def test_two_ranks_an_id_is_finished_only_once_both_reported(env):
+def two_rank_disk_runtime(env) -> Runtime:
+    """Two ranks over a disk-only tier whose loads are all asynchronous."""
     tmp = env(disk_cache_blocks=64, disk_admission="always", disk_o_direct="false",
               sync_load_max_ms=0)
     env(disk_dir=tmp / "disk")
-    rt = Runtime(world_size=2)
+    return Runtime(world_size=2)
+
+
+def test_two_ranks_an_id_is_finished_only_once_both_reported(env):
+    rt = two_rank_disk_runtime(env)
     a = FakeRequest(1, prompt(13, num_full=3))
     a_blocks = offload(rt, a)
     originals = [rt.block_bytes(r, a_blocks[:3]) for r in range(2)]
@@ -414,10 +419,7 @@ def test_request_finished_defers_freeing_until_every_rank_saved(env):
 
 
 def test_request_finished_defers_freeing_while_a_load_writes_its_blocks(env):
-    tmp = env(disk_cache_blocks=64, disk_admission="always", disk_o_direct="false",
-              sync_load_max_ms=0)
-    env(disk_dir=tmp / "disk")
-    rt = Runtime(world_size=2)
+    rt = two_rank_disk_runtime(env)
     a = FakeRequest(1, prompt(31, num_full=3))
     offload(rt, a)
     leader = rt.scheduler.leader
