@@ -374,3 +374,172 @@ class VllmOpenAIServer(_Server):
                 return resp.status == 200
         except OSError:
             return False
+
+
+class RedisClusterServers(_Server):
+    """A Redis Cluster on loopback: ``masters`` ``redis-server`` processes in cluster mode, each
+    with ``replicas_per_master`` replicas, joined once by ``redis-cli --cluster create``.
+
+    ``full_coverage=False`` sets ``cluster-require-full-coverage no``: masters keep serving their
+    own slots while another master is down. ``kill_node(port)`` SIGKILLs one node (a lost
+    master; its replica is promoted after about ``node_timeout_ms``). ``password`` protects every
+    node (``requirepass`` and ``masterauth``)."""
+
+    def __init__(self, workdir=None, *, masters: int = 3, replicas_per_master: int = 0,
+                 node_timeout_ms: int = 2000, full_coverage: bool = True,
+                 password: str | None = None) -> None:
+        super().__init__(workdir)
+        self.password = password
+        self.num_masters = masters
+        self.replicas_per_master = replicas_per_master
+        self.ports = [free_port() for _ in range(masters * (1 + replicas_per_master))]
+        self._nodes: dict[int, _Child] = {}
+        for port in self.ports:
+            # The bus port gets a free port of its own (the default, port + 10000, may not be).
+            argv = [_tool("redis-server") or "redis-server", "--port", str(port),
+                    "--bind", LOOPBACK, "--cluster-enabled", "yes",
+                    "--cluster-port", str(free_port()),
+                    "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    "--cluster-replica-validity-factor", "0",
+                    "--cluster-require-full-coverage", "yes" if full_coverage else "no",
+                    "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                    "--daemonize", "no"]
+            if password:
+                argv += ["--requirepass", password, "--masterauth", password]
+            self._nodes[port] = _Child(f"redis-cluster-{port}", argv, self.workdir)
+        self._children = list(self._nodes.values())
+        self._created = False
+
+    @property
+    def url(self) -> str:
+        """kvtier's URL: every initial master as a startup node."""
+        nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.ports[:self.num_masters])
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}{nodes}/"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start every node (and create the cluster the first time); on failure every node
+        started is stopped again."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
+        for port, child in self._nodes.items():
+            child.start()
+        for port, child in self._nodes.items():
+            _wait_until(lambda port=port: self._answers_ping(port), child,
+                        f"PING on port {port}")
+        if not self._created:
+            argv = [_tool("redis-cli") or "redis-cli", "--cluster", "create",
+                    *(f"{LOOPBACK}:{port}" for port in self.ports),
+                    "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
+            env = {**os.environ, **({"REDISCLI_AUTH": self.password} if self.password else {})}
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, check=False, env=env)
+            (self.workdir / "cluster-create.log").write_text(done.stdout + done.stderr)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}\n"
+                                   f"{done.stderr}")
+            self._created = True
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Every running node reports ``cluster_state:ok``, ``num_masters`` masters own slots,
+        and every running replica's link to its master is up."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"redis cluster on ports {self.ports} not ready after "
+                           f"{timeout_s:.0f} s:\n{self.cluster_nodes()}")
+
+    def _ready(self) -> bool:
+        import redis
+        try:
+            for port in self.running_ports():
+                client = self.node_client(port)
+                try:
+                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO",
+                                                                         NEVER_DECODE=True):
+                        return False
+                    info = client.info("replication")
+                    if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                        return False
+                finally:
+                    client.close()
+            return len(self.masters()) == self.num_masters
+        except (redis.RedisError, OSError):
+            return False
+
+    def running_ports(self) -> list[int]:
+        return [port for port, child in self._nodes.items() if child.running()]
+
+    def node_pid(self, port: int) -> int | None:
+        return self._nodes[port].pid
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL one node, by its PID."""
+        self._nodes[port].stop(signal.SIGKILL)
+
+    def node_client(self, port: int):
+        """A plain redis-py client on one node (it answers MOVED for others' slots)."""
+        import redis
+        return redis.Redis(host=LOOPBACK, port=port, password=self.password, socket_timeout=10)
+
+    def raw_client(self):
+        """A redis-py ``RedisCluster`` client (for tests and baselines)."""
+        from redis.cluster import ClusterNode, RedisCluster
+        return RedisCluster(startup_nodes=[ClusterNode(LOOPBACK, port)
+                                           for port in self.running_ports()],
+                            password=self.password, socket_timeout=10)
+
+    def cluster_nodes(self) -> list[dict]:
+        """``CLUSTER NODES`` as seen by a running node: port, id, flags, master id, slots."""
+        import redis
+        for port in self.running_ports():
+            client = self.node_client(port)
+            try:
+                text = client.execute_command("CLUSTER", "NODES", NEVER_DECODE=True).decode()
+            except (redis.RedisError, OSError):
+                continue  # a node still starting or just killed: ask the next one
+            finally:
+                client.close()
+            nodes = []
+            for line in text.splitlines():
+                fields = line.split()
+                if len(fields) < 8:
+                    continue
+                address = fields[1].split("@")[0]
+                nodes.append({"id": fields[0], "port": int(address.rsplit(":", 1)[1]),
+                              "flags": set(fields[2].split(",")), "master_id": fields[3],
+                              "slots": fields[8:]})
+            return nodes
+        return []
+
+    def masters(self) -> list[int]:
+        """Ports of the masters that own slots and are not marked failed."""
+        return sorted(node["port"] for node in self.cluster_nodes()
+                      if "master" in node["flags"] and "fail" not in node["flags"]
+                      and node["slots"])
+
+    def replicas_of(self, port: int) -> list[int]:
+        nodes = self.cluster_nodes()
+        ids = {node["port"]: node["id"] for node in nodes}
+        return sorted(node["port"] for node in nodes
+                      if "slave" in node["flags"] and node["master_id"] == ids.get(port))
+
+    def _answers_ping(self, port: int) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+                if self.password:
+                    sock.sendall(f"AUTH {self.password}\r\n".encode())
+                    sock.recv(64)
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False

@@ -10,9 +10,11 @@
 ``StorageError`` when unreachable). Backends register themselves by URL scheme; a new store is a
 new module ``kvtier/storage/remote/<scheme>.py`` (found by its scheme) or a
 ``kvtier.remote_backends`` entry point. The client libraries are imported only when a URL of
-their scheme is opened.
+their scheme is opened. ``redis+cluster://`` (a Redis Cluster, ``redis_cluster.py``) is
+registered here, since its scheme names no module.
 """
 
+from kvtier.errors import ConfigError
 from kvtier.storage.remote.base import (
                                         STAT_NAMES,
                                         Namespace,
@@ -25,6 +27,26 @@ from kvtier.storage.remote.base import (
                                         remote_key,
 )
 from kvtier.storage.remote.retrying import RETRY_STAT_NAMES, RetryingBackend
+
+
+class _RedisClusterLoader:
+    """Stands for ``RedisClusterBackend`` in the registry, so that redis-py is imported only
+    when a ``redis+cluster://`` URL is opened: calling it builds the real backend."""
+
+    scheme = "redis+cluster"
+
+    def __new__(cls, url: str, *, namespace: str, timeout_s: float) -> RemoteBackend:
+        try:
+            from kvtier.storage.remote.redis_cluster import RedisClusterBackend
+        except ModuleNotFoundError as exc:
+            if exc.name != "redis" and not (exc.name or "").startswith("redis."):
+                raise
+            raise ConfigError(f"remote scheme {cls.scheme!r} needs the Python package "
+                              "'redis': pip install 'kvtier[redis]'") from exc
+        return RedisClusterBackend(url, namespace=namespace, timeout_s=timeout_s)
+
+
+register_backend(_RedisClusterLoader)  # type: ignore[arg-type] - builds a RemoteBackend
 
 __all__ = [
                                         "RETRY_STAT_NAMES",
