@@ -279,9 +279,12 @@ def redact_url(url: str) -> str:
     if "@" in authority:
         authority = "***@" + authority.rsplit("@", 1)[1]
     tail = _SECRET_PARAM.sub(r"\1***", tail)
+    # A URL inside a parameter (S3's endpoint=http://user:secret@host) has user-info too.
+    tail = _NESTED_USERINFO.sub(r"\1***@", tail)
     return f"{scheme}{sep}{authority}{slash}{tail}"
 
 
+_NESTED_USERINFO = re.compile(r"(://)[^/?&;#@]*@")
 _SECRET_PARAM = re.compile(r"((?:^|[?&;])(?:password|passwd|pwd|token|secret|"
                            r"access_key|secret_key)=)[^&;#]*", re.IGNORECASE)
 

@@ -81,6 +81,8 @@ def test_credentials_never_shown():
         load_config({"remote_url": ":s3cret@host"}, env={})
     assert "s3cret" not in str(err.value)
     assert "s3cret" not in redact_url("mooncake://user:s3cret@h:1?metadata=x")
+    nested = redact_url("s3://bucket/kv?endpoint=http://user:s3cret@127.0.0.1:9000")
+    assert "s3cret" not in nested and nested.endswith("endpoint=http://***@127.0.0.1:9000")
 
 
 def test_blocks_win_over_gb():

@@ -575,7 +575,7 @@ def backend_class(url: str) -> type[RemoteBackend]:
                 register_backend(entry.load())
         cls = _BACKENDS.get(scheme)
     if cls is None:
-        known = ", ".join(sorted(set(_BACKENDS) | {"mooncake", "redis"}))
+        known = ", ".join(sorted(set(_BACKENDS) | {"mooncake", "redis", "redis+cluster", "s3"}))
         raise ConfigError(f"remote_url={redact_url(url)!r} is not allowed: unknown scheme "
                           f"{scheme!r} (known: {known})")
     return cls
