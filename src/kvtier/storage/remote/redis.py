@@ -48,7 +48,10 @@ class RedisBackend(RemoteBackend):
 
     def __init__(self, url: str, *, namespace: str, timeout_s: float) -> None:
         super().__init__(url, namespace=namespace, timeout_s=timeout_s)
-        self._password = urlsplit(url).password
+        try:
+            self._password = urlsplit(url).password
+        except ValueError as exc:   # e.g. an unclosed IPv6 bracket
+            raise ConfigError(f"remote_url={self.url!r} is not allowed: {exc}") from None
         self._ttl_s = self._open(url)
         try:
             answered = self._runner.run(self.timeout_s, self._probe)
