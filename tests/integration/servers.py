@@ -83,6 +83,17 @@ class _Child:
         if self.running():
             os.kill(self.proc.pid, signum)
 
+    def wait_stopped(self, timeout_s: float = 10.0) -> None:
+        """Return once the kernel has stopped the process (after SIGSTOP): on a loaded
+        machine the signal can land after the next request was already answered."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in "Tt":
+                    return
+            time.sleep(0.01)
+        raise RuntimeError(f"{self.name} (pid {self.proc.pid}) did not stop")
+
     def stop(self, signum: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
         if self.proc is None:
             return
@@ -150,6 +161,9 @@ class _Server:
         """SIGSTOP: the store keeps its sockets open but answers nothing (a slow store)."""
         for child in self._children:
             child.send(signal.SIGSTOP)
+        for child in self._children:
+            if child.running():
+                child.wait_stopped()
 
     def resume(self) -> None:
         for child in self._children:
@@ -273,6 +287,7 @@ class MooncakeServer(_Server):
 
     def pause_master(self) -> None:
         self._master.send(signal.SIGSTOP)
+        self._master.wait_stopped()
 
     def resume_master(self) -> None:
         self._master.send(signal.SIGCONT)

@@ -175,7 +175,9 @@ def test_slow_master_times_out_then_recovers(make_mooncake, request):
     tier = RetryingBackend(server.url, namespace=_namespace(request.node.name), timeout_s=0.5,
                            initial_backoff_s=0.05, max_backoff_s=0.2)
     keys, rows = make_blocks(4, BLOCK, seed=8)
-    assert all(tier.batch_put(keys, views(rows)))
+    # Another client writes, so the reader holds no location of these blocks from its own put.
+    with make_backend(server.url, namespace=tier.namespace, timeout_s=TIMEOUT_S) as writer:
+        assert all(writer.batch_put(keys, views(rows)))
     server.pause_master()
     try:
         out = empty_like(rows)
