@@ -45,3 +45,14 @@ def wait_for(predicate, timeout_s: float = 20.0, step_s: float = 0.05) -> bool:
             return True
         time.sleep(step_s)
     return predicate()
+
+
+def check_round_trip(backend, block_bytes: int) -> None:
+    """16 blocks put, read back byte-exact, present, and counted as hits."""
+    keys, rows = make_blocks(16, block_bytes)
+    assert backend.batch_put(keys, views(rows)) == [True] * 16
+    out = empty_like(rows)
+    assert backend.batch_get_into(keys, views(out)) == [True] * 16
+    assert np.array_equal(out, rows)
+    assert backend.batch_exists(keys) == [True] * 16
+    assert backend.stats["hits"] == 16 and backend.stats["bytes_got"] == rows.nbytes

@@ -6,7 +6,15 @@ import logging
 
 import numpy as np
 import pytest
-from remote_cases import FINGERPRINT, OTHER_FINGERPRINT, empty_like, make_blocks, views, wait_for
+from remote_cases import (
+    FINGERPRINT,
+    OTHER_FINGERPRINT,
+    check_round_trip,
+    empty_like,
+    make_blocks,
+    views,
+    wait_for,
+)
 
 from kvtier.errors import StorageError, TransferError
 from kvtier.storage.remote import RetryingBackend, make_backend, make_namespace, remote_key
@@ -30,13 +38,7 @@ def backend(redis_server, request):
 
 
 def test_round_trip_is_byte_exact(backend):
-    keys, rows = make_blocks(16, BLOCK)
-    assert backend.batch_put(keys, views(rows)) == [True] * 16
-    out = empty_like(rows)
-    assert backend.batch_get_into(keys, views(out)) == [True] * 16
-    assert np.array_equal(out, rows)
-    assert backend.batch_exists(keys) == [True] * 16
-    assert backend.stats["hits"] == 16 and backend.stats["bytes_got"] == rows.nbytes
+    check_round_trip(backend, BLOCK)
 
 
 def test_bytes_keys_round_trip(backend):

@@ -11,7 +11,15 @@ import logging
 
 import numpy as np
 import pytest
-from remote_cases import FINGERPRINT, OTHER_FINGERPRINT, empty_like, make_blocks, views, wait_for
+from remote_cases import (
+    FINGERPRINT,
+    OTHER_FINGERPRINT,
+    check_round_trip,
+    empty_like,
+    make_blocks,
+    views,
+    wait_for,
+)
 from servers import SeaweedS3Server
 
 from kvtier.errors import ConfigError, StorageError, TransferError
@@ -131,13 +139,7 @@ def test_no_credentials_anywhere_is_a_config_error(aws_env):
 # -- data path ---------------------------------------------------------------------------------
 
 def test_round_trip_is_byte_exact(backend):
-    keys, rows = make_blocks(16, BLOCK)
-    assert backend.batch_put(keys, views(rows)) == [True] * 16
-    out = empty_like(rows)
-    assert backend.batch_get_into(keys, views(out)) == [True] * 16
-    assert np.array_equal(out, rows)
-    assert backend.batch_exists(keys) == [True] * 16
-    assert backend.stats["hits"] == 16 and backend.stats["bytes_got"] == rows.nbytes
+    check_round_trip(backend, BLOCK)
 
 
 def test_bytes_keys_and_single_block_batches(backend):
