@@ -1,4 +1,5 @@
-"""kvtier.pools.policies (lru_freq, s3fifo, arc, tinylfu) and kvtier.offload.tinylfu."""
+"""kvtier.pools.policies (lru_freq, s3fifo, arc, tinylfu, prefix_lru, prefix_gdsf) and
+kvtier.offload.tinylfu."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from kvtier.pools import BlockPool, eviction_policy_names, make_eviction_policy
 from kvtier.pools.policies import (
     ArcEviction,
     LruFreqEviction,
+    PrefixGdsfEviction,
+    PrefixLruEviction,
     S3FifoEviction,
     TinyLfuEviction,
 )
@@ -22,7 +25,7 @@ from kvtier.replay.simulator import CostModel, TierSpec, replay
 from kvtier.replay.trace import Trace, TraceRequest
 from kvtier.tiers import Tier
 
-NEW_POLICIES = ["lru_freq", "s3fifo", "arc", "tinylfu"]
+NEW_POLICIES = ["lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf"]
 ALL_NAMES = ["lru", "fifo", *NEW_POLICIES]
 
 
@@ -42,6 +45,7 @@ def hits(trace: Trace, policy: str, capacity: int) -> int:
 def test_names_are_registered():
     assert set(NEW_POLICIES) <= set(eviction_policy_names())
     classes = {"lru_freq": LruFreqEviction, "s3fifo": S3FifoEviction, "arc": ArcEviction,
+               "prefix_lru": PrefixLruEviction, "prefix_gdsf": PrefixGdsfEviction,
                "tinylfu": TinyLfuEviction}
     for name, cls in classes.items():
         assert type(BlockPool(Tier.G2, 4, eviction=name).eviction) is cls
@@ -167,7 +171,8 @@ def hot_and_scan_trace(rounds: int = 60, scan_requests: int = 4, scan_len: int =
     return make_trace(chains)
 
 
-@pytest.mark.parametrize("name", NEW_POLICIES)
+# prefix_lru is LRU's recency order (leaf-first only), so it is not scan resistant.
+@pytest.mark.parametrize("name", [n for n in NEW_POLICIES if n != "prefix_lru"])
 def test_scan_resistant_policies_beat_lru(name):
     # 12 one-time blocks pass between two uses of the hot prefix; the pool holds 10, so LRU
     # always loses the prefix and the scan-resistant policies keep it.

@@ -351,10 +351,18 @@ def test_cli_comparison_json_last_line(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     doc = json.loads(out[-1])
-    assert list(doc) == ["results"]
+    assert list(doc) == ["results", "summary"]
     rows = doc["results"]
     assert {(r["policy"], r["capacity_blocks"]) for r in rows} == {
-        (p, c) for p in ("lru", "arc", "belady") for c in (10, 40)}
+        (p, c) for p in ("lru", "arc", "belady", "belady_blocks") for c in (10, 40)}
+    by = {(r["policy"], r["capacity_blocks"]): r["block_hit_ratio"] for r in rows}
+    for item in doc["summary"]:
+        cap = item["capacity_blocks"]
+        assert item["best_policy"] in ("lru", "arc")
+        assert item["best_hit_ratio"] == max(by["lru", cap], by["arc", cap])
+        assert item["best_vs_lru"] == pytest.approx(item["best_hit_ratio"] / by["lru", cap])
+        assert item["best_vs_belady"] == pytest.approx(item["best_hit_ratio"]
+                                                       / by["belady", cap])
     for row in rows:
         assert set(row) == {"policy", "capacity_blocks", "block_hit_ratio", "token_hit_ratio"}
         assert 0 <= row["block_hit_ratio"] <= 1 and 0 <= row["token_hit_ratio"] <= 1
@@ -366,7 +374,7 @@ def test_cli_all_policies(tmp_path, capsys):
     assert replay_main(["--trace", str(trace), "--capacities", "30", "--policies", "all",
                         "--json", "--no-progress"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
-    assert [r["policy"] for r in rows] == [*ALL_POLICIES, "belady"]
+    assert [r["policy"] for r in rows] == [*ALL_POLICIES, "belady", "belady_blocks"]
 
 
 def test_cli_tiered_json(tmp_path, capsys):
@@ -387,7 +395,7 @@ def test_cli_synthetic(capsys, tmp_path):
                         "--policies", "lru", "--json", "--no-progress",
                         "--save-trace", str(saved)]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
-    assert [r["policy"] for r in rows] == ["lru", "belady"]
+    assert [r["policy"] for r in rows] == ["lru", "belady", "belady_blocks"]
     assert len(load_trace(saved)) == 15
 
 

@@ -9,7 +9,10 @@ Two forms:
   replays one cache tier per (policy, capacity) and Belady's optimum per capacity.
 
 With ``--json`` the last stdout line is one JSON object; for the comparison
-``{"results": [{"policy", "capacity_blocks", "block_hit_ratio", "token_hit_ratio"}, ...]}``.
+``{"results": [{"policy", "capacity_blocks", "block_hit_ratio", "token_hit_ratio"}, ...],
+"summary": [{"capacity_blocks", "best_policy", "best_vs_lru", "best_vs_belady",
+"best_vs_belady_blocks", ...}, ...]}`` (``belady`` is the prefix-hit optimum,
+``belady_blocks`` textbook Belady on single blocks; see kvtier.replay.belady).
 Errors (a malformed trace line, a bad size) print one line on stderr and exit with status 2.
 """
 
@@ -40,6 +43,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--trace", metavar="FILE",
                      help="Mooncake-format JSONL trace (timestamp, input_length, output_length, "
                           "hash_ids)")
+    src.add_argument("--azure", metavar="CSV",
+                     help="Azure LLM inference trace (TIMESTAMP,ContextTokens,GeneratedTokens), "
+                          "turned into prefix sessions by kvtier.replay.azure's model (--seed "
+                          "picks the sharing pattern)")
     src.add_argument("--synthetic", action="store_true",
                      help="generate a multi-round QA workload instead (see the synthetic options)")
     src.add_argument("--block-tokens", type=int, default=512,
@@ -62,14 +69,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     syn.add_argument("--jitter", type=float, default=0.0,
                      help="relative +- noise on lengths (0 <= j < 1)")
     syn.add_argument("--poisson", action="store_true", help="exponential inter-arrival times")
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--seed", type=int, default=0, help="also --azure's sharing pattern")
 
     cmp_ = p.add_argument_group("policy comparison")
     cmp_.add_argument("--capacities", metavar="LIST",
                       help="cache sizes, comma-separated: blocks (1000) or bytes (8GB)")
     cmp_.add_argument("--policies", default="all",
                       help="eviction policies, comma-separated names or module.Class paths, or "
-                           "'all' (default); Belady's optimum is always added")
+                           "'all' (default); both Belady bounds are always added")
 
     tiers = p.add_argument_group("tier sizing")
     for tier, what in ((Tier.G1, "device"), (Tier.G2, "host RAM"), (Tier.G3, "local disk"),
@@ -162,7 +169,10 @@ def _run(args: argparse.Namespace) -> int:
                             block_bytes=geometry.block_bytes)
             print(f"chart: {args.plot}")
         if args.json:
-            print(json.dumps({"results": [row.to_dict() for row in rows]}))
+            from kvtier.replay.compare import summarize
+
+            print(json.dumps({"results": [row.to_dict() for row in rows],
+                              "summary": [item.to_dict() for item in summarize(rows)]}))
         return 0
 
     from kvtier.replay.report import replay_table
@@ -200,14 +210,19 @@ def _tier_specs(args: argparse.Namespace, block_bytes: int) -> list:
 def _load(args: argparse.Namespace):
     from kvtier.errors import ConfigError
 
-    if args.trace and args.synthetic:
-        raise ConfigError("give --trace FILE or --synthetic, not both")
+    if sum(map(bool, (args.trace, args.synthetic, args.azure))) > 1:
+        raise ConfigError("give one of --trace FILE, --azure CSV or --synthetic")
+    if args.azure:
+        from kvtier.replay.azure import AzurePrefixSpec, load_azure_trace
+
+        return load_azure_trace(args.azure, AzurePrefixSpec(block_tokens=args.block_tokens,
+                                                            seed=args.seed), limit=args.limit)
     if args.trace:
         from kvtier.replay.trace import load_trace
 
         return load_trace(args.trace, block_tokens=args.block_tokens, limit=args.limit)
     if not args.synthetic:
-        raise ConfigError("no input: give --trace FILE or --synthetic")
+        raise ConfigError("no input: give --trace FILE, --azure CSV or --synthetic")
     from kvtier.replay.synthetic import MultiRoundQASpec, generate_multi_round_qa
 
     spec = MultiRoundQASpec(

@@ -75,6 +75,8 @@ class BlockPool:
         self._wants_hits = policy_cls.on_hit is not EvictionPolicy.on_hit
         self._wants_active_hits = self._wants_hits and policy_cls.hits_while_active
         self._wants_misses = policy_cls.on_miss is not EvictionPolicy.on_miss
+        self._wants_links = policy_cls.on_link is not EvictionPolicy.on_link
+        self._wants_unlinks = policy_cls.on_unlink is not EvictionPolicy.on_unlink
         if _defined_in(policy_cls, "on_insert_batch") is _defined_in(policy_cls, "on_insert"):
             self._insert_batch = eviction.on_insert_batch
         else:
@@ -268,7 +270,9 @@ class BlockPool:
             state[block_id] = _REGISTERING
 
         block_keys, block_priority = self._key, self._priority
-        setdefault = self._registry.setdefault
+        registry = self._registry
+        setdefault = registry.setdefault
+        on_link = self._eviction.on_link if self._wants_links else None
         canonical: list[int] = []
         append = canonical.append
         for idx, (block_id, key) in enumerate(zip(block_ids, keys)):
@@ -277,6 +281,10 @@ class BlockPool:
                 state[block_id] = _REGISTERED
                 block_keys[block_id] = key
                 block_priority[block_id] = priority if priorities is None else priorities[idx]
+                if on_link is not None:
+                    parent_key = keys[idx - 1] if idx else parent
+                    on_link(block_id, -1 if parent_key is None
+                            else registry.get(parent_key, -1))
             else:
                 # Duplicate: keep the registered block, hand the new one back.
                 state[block_id] = _COMPLETE
@@ -389,6 +397,7 @@ class BlockPool:
         now; active ones become COMPLETE (unmatchable) and are freed when their last reference
         drops. Unknown keys are skipped. Emits one Removed event; returns the number dropped."""
         registry, state, ref, block_keys = self._registry, self._state, self._ref, self._key
+        on_unlink = self._eviction.on_unlink if self._wants_unlinks else None
         removed: list[BlockKey] = []
         for key in keys:
             block_id = registry.pop(key, None)
@@ -396,6 +405,8 @@ class BlockPool:
                 continue
             removed.append(key)
             block_keys[block_id] = None
+            if on_unlink is not None:
+                on_unlink(block_id)
             if ref[block_id]:
                 state[block_id] = _COMPLETE
             else:
@@ -435,12 +446,15 @@ class BlockPool:
                                       f"under key {key!r}, which is already registered")
             seen.add(key)
         on_insert = self._eviction.on_insert
+        on_link = self._eviction.on_link if self._wants_links else None
         for block_id, key in entries:
             self._unlink_free(block_id)
             state[block_id] = _REGISTERED
             self._key[block_id] = key
             self._priority[block_id] = 0
             registry[key] = block_id
+            if on_link is not None:
+                on_link(block_id, -1)  # the chain is not known after a restart
             on_insert(block_id, key, 0)
         self._num_free -= len(entries)
         self._num_inactive += len(entries)
@@ -453,8 +467,11 @@ class BlockPool:
         are freed when released. Emits AllBlocksCleared."""
         state, ref, block_keys = self._state, self._ref, self._key
         on_remove = self._eviction.on_remove
+        on_unlink = self._eviction.on_unlink if self._wants_unlinks else None
         for block_id in self._registry.values():
             block_keys[block_id] = None
+            if on_unlink is not None:
+                on_unlink(block_id)
             if ref[block_id]:
                 state[block_id] = _COMPLETE
             else:

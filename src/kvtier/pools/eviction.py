@@ -5,6 +5,11 @@ without being evicted (``on_remove``), is hit (``on_hit``) and when a key misses
 and asks it for a ``victim`` when it needs a block. A policy owns only this ordering; the pool
 owns states, references and the registry.
 
+Prefix-aware policies also learn the prefix tree: a policy that overrides ``on_link`` hears,
+for every block the pool registers, which block in the same pool holds the key before it in
+its request (its parent), and through ``on_unlink`` when a block's key is dropped other than by
+``victim`` (discard, clear). Policies that do not override them cost the pool nothing more.
+
 Policies register by name with ``@register_policy``; ``make_eviction_policy`` builds one by
 name or by a ``"package.module.Class"`` path to a user class. Names it does not know yet are
 looked up again after importing the built-in policy modules (``kvtier.registry``), so that a
@@ -70,6 +75,15 @@ class EvictionPolicy(abc.ABC):
 
     def on_miss(self, key: BlockKey) -> None:
         """A match missed ``key`` (ghost-based policies learn from it)."""
+
+    def on_link(self, block_id: int, parent_id: int) -> None:
+        """Block ``block_id`` was registered; ``parent_id`` is the block of this pool holding
+        the key before it in its request's chain, or -1 (first block, or its parent is not in
+        this pool). Called before the block is first inserted."""
+
+    def on_unlink(self, block_id: int) -> None:
+        """Block ``block_id`` lost its key by discard or clear (it may be active or
+        inactive; an inactive one also gets ``on_remove``). Not called for victims."""
 
     @abc.abstractmethod
     def victim(self) -> int | None:

@@ -28,6 +28,7 @@ Hot paths use per-block lists allocated once and intrusive doubly linked lists o
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -39,6 +40,8 @@ from kvtier.tiers import BlockKey
 __all__ = [
     "ArcEviction",
     "LruFreqEviction",
+    "PrefixGdsfEviction",
+    "PrefixLruEviction",
     "S3FifoEviction",
     "TinyLfuEviction",
 ]
@@ -461,3 +464,176 @@ class TinyLfuEviction(_ListPolicy):
                 return incumbent
             lists.unlink(candidate)
             return candidate
+
+
+# ---------------------------------------------------------------------------------------------
+class _LeafFirstPolicy(EvictionPolicy):
+    """Leaf-first eviction over the pool's prefix tree (as radix-tree prefix caches do).
+
+    A prefix match stops at the first miss, so a cached block whose parent is gone cannot be
+    hit: a block is evicted only once no block of this pool names it as parent (a *leaf*),
+    unless every evictable block has children (then the lowest-scored one goes anyway, so the
+    pool never starves). Among leaves, lowest priority first, then lowest ``_score``.
+
+    The tree comes from ``on_link``; a child's link carries its parent's generation (bumped
+    whenever the parent loses its key), so a stale link after a parent was dropped is ignored
+    in O(1) instead of walking children. The order is a heap of
+    ``(priority, has_children, score, seq, block)`` entries with lazy deletion: a block's live
+    entry is the one in ``_live``; the heap is rebuilt from those when garbage outgrows it.
+    Every hook is O(log n).
+    """
+
+    hits_while_active = False  # a match is seen as remove + insert of the same key
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._keys: list[BlockKey | None] = [None] * num_blocks
+        self._parent = [_NONE] * num_blocks
+        self._parent_gen = [0] * num_blocks
+        self._gen = [0] * num_blocks
+        self._children = [0] * num_blocks
+        self._priority = [0] * num_blocks
+        self._score = [0.0] * num_blocks
+        self._live: list[tuple | None] = [None] * num_blocks
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._size = 0
+
+    # -- tree -------------------------------------------------------------------------------
+    def on_link(self, block_id: int, parent_id: int) -> None:
+        self._parent[block_id] = parent_id
+        if parent_id >= 0:
+            self._parent_gen[block_id] = self._gen[parent_id]
+            self._children[parent_id] += 1
+            if self._children[parent_id] == 1 and self._live[parent_id] is not None:
+                self._push(parent_id)  # no longer a leaf
+
+    def on_unlink(self, block_id: int) -> None:
+        parent = self._parent[block_id]
+        if parent >= 0 and self._parent_gen[block_id] == self._gen[parent]:
+            self._children[parent] -= 1
+            if not self._children[parent] and self._live[parent] is not None:
+                self._push(parent)  # a leaf now
+        self._parent[block_id] = _NONE
+        self._gen[block_id] += 1
+        self._children[block_id] = 0
+        self._keys[block_id] = None
+        self._forget(block_id)
+
+    # -- EvictionPolicy hooks -----------------------------------------------------------------
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        # A block the pool took back (match) and returns under the same key: that was a hit.
+        is_hit = self._keys[block_id] == key
+        self._keys[block_id] = key
+        self._priority[block_id] = priority
+        self._score[block_id] = self._access(block_id, key, is_hit)
+        self._size += 1
+        self._push(block_id)
+
+    def on_remove(self, block_id: int) -> None:
+        if self._live[block_id] is not None:
+            self._live[block_id] = None
+            self._size -= 1
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        if self._live[block_id] is not None:  # touch of an evictable block
+            self._score[block_id] = self._access(block_id, key, True)
+            self._push(block_id)
+
+    def victim(self) -> int | None:
+        heap, live = self._heap, self._live
+        while heap:
+            entry = heapq.heappop(heap)
+            block_id = entry[4]
+            if live[block_id] is entry:
+                live[block_id] = None
+                self._size -= 1
+                self._evicted(block_id, entry[2])
+                self.on_unlink(block_id)
+                return block_id
+        return None
+
+    def __len__(self) -> int:
+        return self._size
+
+    # -- internals ------------------------------------------------------------------------------
+    def _push(self, block_id: int) -> None:
+        self._seq += 1
+        entry = (self._priority[block_id], self._children[block_id] > 0,
+                 self._score[block_id], self._seq, block_id)
+        self._live[block_id] = entry
+        heap = self._heap
+        heapq.heappush(heap, entry)
+        if len(heap) > 4 * self._size + 64:
+            self._heap = [e for e in self._live if e is not None]
+            heapq.heapify(self._heap)
+
+    def _forget(self, block_id: int) -> None:
+        """Hook for subclasses: ``block_id`` lost its key."""
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def _access(self, block_id: int, key: BlockKey, is_hit: bool) -> float:
+        """The block's new score on insert (``is_hit``: it came back from a match) or touch."""
+        raise NotImplementedError
+
+    def _evicted(self, block_id: int, score: float) -> None:
+        """``block_id`` is the victim (its key is still in ``_keys``)."""
+
+
+@register_policy
+class PrefixLruEviction(_LeafFirstPolicy):
+    """Leaf-first LRU: the least recently used leaf of the prefix tree goes first.
+
+    With prefix matching a block is used whenever any descendant is, so its recency is its
+    subtree's; a parent becomes evictable only after its last cached child.
+    """
+
+    name = "prefix_lru"
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._clock = 0
+
+    def _access(self, block_id: int, key: BlockKey, is_hit: bool) -> float:
+        self._clock += 1
+        return self._clock
+
+
+@register_policy
+class PrefixGdsfEviction(_LeafFirstPolicy):
+    """Leaf-first GreedyDual-Frequency: a leaf's score is ``L + uses``, lowest goes first.
+
+    ``uses`` counts the requests that used the block; under prefix matching every request
+    through a descendant also uses the block, so a block is valued by its whole subtree (a
+    shared system prompt counts every conversation under it). ``L`` is the score of the last
+    victim: it rises as the cache turns over, so a block's frequency only protects it while it
+    keeps being used (GreedyDual's aging, no clock or tuning). A block evicted and computed
+    again resumes its count from a bounded ghost history (``HISTORY_FACTOR`` x the pool, as
+    ``arc``'s), because conversation turns return after more traffic than a small tier holds.
+    """
+
+    name = "prefix_gdsf"
+    HISTORY_FACTOR = 8
+    MAX_HISTORY = 1_000_000
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._uses = [0] * num_blocks
+        self._inflation = 0.0
+        self._ghost: OrderedDict[BlockKey, int] = OrderedDict()
+        self._ghost_max = max(num_blocks, min(self.HISTORY_FACTOR * num_blocks,
+                                              self.MAX_HISTORY))
+
+    def _access(self, block_id: int, key: BlockKey, is_hit: bool) -> float:
+        if is_hit:
+            self._uses[block_id] += 1
+        else:
+            self._uses[block_id] = self._ghost.pop(key, 0) + 1
+        return self._inflation + self._uses[block_id]
+
+    def _evicted(self, block_id: int, score: float) -> None:
+        self._inflation = max(self._inflation, score)
+        ghost = self._ghost
+        ghost[self._keys[block_id]] = self._uses[block_id]
+        if len(ghost) > self._ghost_max:
+            ghost.popitem(last=False)

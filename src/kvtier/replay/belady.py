@@ -10,6 +10,19 @@ block accesses for a given capacity. Two details make it exact for *prefix* hits
   request touches is a prefix hit;
 * a block with no next use is dropped at once.
 
+Two bounds come out of one replay loop (``prefix``):
+
+* ``prefix=True`` (``belady``): the cache above, hits counted as a prefix cache serves them
+  (a request's leading cached blocks, stopping at its first miss). Loaded traces are chained
+  (the loader checks it), and then this cache is prefix-closed, so it is the optimum of the
+  prefix problem: no policy, online or offline, gets more prefix hits at that capacity;
+* ``prefix=False`` (``belady_blocks``): textbook Belady on single blocks, every access to a
+  cached block counted as a hit wherever it sits in its request, ties broken by key. It bounds
+  any cache's prefix hits from above on every trace, chained or not; on chained traces it
+  equals the prefix bound (a prefix-closed optimum exists), on traces whose ids are not chained
+  (the same block after different prefixes) it is looser, because it counts blocks behind a
+  miss.
+
 The next use of every access is precomputed in one backward pass; the replay keeps one max-heap
 of encoded ints ``(next_use, depth, key)`` with lazy deletion: O(log n) per access and no
 per-access Python objects besides the heap's ints.
@@ -55,9 +68,10 @@ class BeladyOracle:
     def num_unique_blocks(self) -> int:
         return self._num_keys
 
-    def replay(self, capacity_blocks: int,
-               progress: Callable[[int], None] | None = None) -> HitStats:
-        """Prefix-hit counts of the optimal cache with ``capacity_blocks`` blocks."""
+    def replay(self, capacity_blocks: int, progress: Callable[[int], None] | None = None, *,
+               prefix: bool = True) -> HitStats:
+        """Hit counts of the optimal cache with ``capacity_blocks`` blocks: prefix hits
+        (``prefix``, the default) or single-block hits (see the module doc)."""
         trace = self.trace
         ids, offsets, next_use = self._ids, self._offsets, self._next_use
         never, num_keys, max_depth = self._never, self._num_keys, self._max_depth
@@ -70,10 +84,16 @@ class BeladyOracle:
         for req_idx, request in enumerate(trace.requests):
             start, end = offsets[req_idx], offsets[req_idx + 1]
             hits = 0
-            for pos in range(start, end):
-                if not cached[ids[pos]]:
-                    break
-                hits += 1
+            if prefix:
+                for pos in range(start, end):
+                    if not cached[ids[pos]]:
+                        break
+                    hits += 1
+            else:
+                for pos in range(start, end):
+                    if cached[ids[pos]]:
+                        hits += 1
+            depth_of = 1 if prefix else 0
             stats.add(end - start, hits, request.input_length, block_tokens)
             for pos in range(start, end):
                 key = ids[pos]
@@ -86,7 +106,7 @@ class BeladyOracle:
                 if not cached[key]:
                     size += 1
                 # +1 keeps the value non-zero (0 means "not cached").
-                value = ((nxt * max_depth + (pos - start)) * num_keys + key) + 1
+                value = ((nxt * max_depth + (pos - start) * depth_of) * num_keys + key) + 1
                 cached[key] = value
                 push(heap, -value)
             while size > capacity_blocks:
@@ -100,6 +120,7 @@ class BeladyOracle:
         return stats
 
 
-def belady_stats(trace: Trace, capacity_blocks: int) -> HitStats:
-    """One-shot helper: Belady's prefix hits for ``trace`` at ``capacity_blocks``."""
-    return BeladyOracle(trace).replay(capacity_blocks)
+def belady_stats(trace: Trace, capacity_blocks: int, *, prefix: bool = True) -> HitStats:
+    """One-shot helper: Belady's prefix (or single-block) hits for ``trace`` at
+    ``capacity_blocks``."""
+    return BeladyOracle(trace).replay(capacity_blocks, prefix=prefix)

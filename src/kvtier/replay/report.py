@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from kvtier.errors import ConfigError
-from kvtier.replay.compare import BELADY, ComparisonRow
+from kvtier.replay.compare import BELADY, BOUNDS, ComparisonRow, summarize
 from kvtier.replay.simulator import ReplayResult
 
 
@@ -35,6 +35,16 @@ def comparison_table(rows: Sequence[ComparisonRow], baseline: str = "lru") -> st
         vs_opt = f"{row.block_hit_ratio / opt:9.2f}" if opt else f"{'-':>9}"
         lines.append(f"{row.capacity_blocks:>9}  {row.policy:<24} {_pct(row.block_hit_ratio):>9} "
                      f"{_pct(row.token_hit_ratio):>9} {vs_base} {vs_opt}")
+    summary = summarize(rows, baseline)
+    if summary:
+        lines.append("")
+        lines.append(f"{'capacity':>9}  {'best policy':<24} {'block hit':>9} "
+                     f"{'best/' + baseline:>8} {'best/belady':>11} {'best/belady_blocks':>18}")
+        for item in summary:
+            vs_base = f"{item.vs_lru:8.2f}" if item.vs_lru is not None else f"{'-':>8}"
+            lines.append(f"{item.capacity_blocks:>9}  {item.best_policy:<24} "
+                         f"{_pct(item.best_hit_ratio):>9} {vs_base} {item.vs_belady:11.2f} "
+                         f"{item.vs_belady_blocks:18.2f}")
     return "\n".join(lines)
 
 
@@ -68,7 +78,8 @@ def replay_table(result: ReplayResult) -> str:
 
 def plot_comparison(rows: Sequence[ComparisonRow], path: str | os.PathLike[str], *,
                     title: str = "", block_bytes: int | None = None) -> None:
-    """PNG of block hit ratio against capacity, one line per policy, Belady dashed."""
+    """PNG of block hit ratio against capacity, one line per policy, the prefix Belady bound
+    dashed and the single-block one (``belady_blocks``) dotted."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -85,7 +96,8 @@ def plot_comparison(rows: Sequence[ComparisonRow], path: str | os.PathLike[str],
                         if r.policy == policy)
         xs = [p[0] for p in points]
         ys = [100 * p[1] for p in points]
-        style = {"linestyle": "--", "color": "black"} if policy == BELADY else {}
+        style = ({"linestyle": "--" if policy == BELADY else ":", "color": "black"}
+                 if policy in BOUNDS else {})
         ax.plot(xs, ys, marker="o", label=policy, **style)
     capacities = sorted({r.capacity_blocks for r in rows})
     if len(capacities) > 1 and capacities[-1] / capacities[0] >= 10:
