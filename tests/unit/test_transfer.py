@@ -416,6 +416,43 @@ def test_parallel_cpu_copy_is_byte_exact(monkeypatch):
     assert all(block_bytes(kv, axis, b) == bytes(len(want[0])) for b in (5, 6, 7))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_checked_copies_of_blocks_longer_than_one_checksum_run(monkeypatch, threads):
+    """Blocks spanning several checksum runs (each run hashed while it is in cache): a stamped
+    offload writes the checksum of the whole payload; a verified onboard copies good blocks
+    exactly, zeroes a block whose payload fails in its first or last run (its bytes were copied
+    before the checksum was complete), and never touches a block whose header is wrong."""
+    from kvtier.storage.block_format import checksum
+    from kvtier.transfer import copy as copy_module
+
+    # 3 segments of 1 KiB a block, runs of 768 B: 4 runs, segments split across runs.
+    monkeypatch.setattr(copy_module, "_STAMP_RUN_BYTES", 768)
+    monkeypatch.setattr(copy_module, "_PARALLEL_MIN_BYTES", 0)
+    kv, axis, dev, arena = cpu_setup()
+    copier = BlockCopier(dev, arena, copy_threads=threads)
+    assert dev.geometry.block_bytes == 4 * 768
+    fp, keys = dev.geometry.fingerprint("m"), [21, 22, 23, 24]
+    blocks, slots = [1, 2, 3, 4], [5, 6, 7, 8]
+    want = [block_bytes(kv, axis, b) for b in blocks]
+    copier.to_host(blocks, slots, keys=keys, fingerprint=fp).wait()
+    for slot, data in zip(slots, want):
+        assert bytes(arena.payload(slot)) == data
+        assert int.from_bytes(bytes(arena.header(slot))[-8:], "little") == checksum(data)
+
+    arena.payload(6)[3] ^= 0x10                      # first run of slot 6
+    arena.payload(7)[len(want[0]) - 2] ^= 0x01       # last run of slot 7
+    arena.header(8)[8] ^= 0x01                       # slot 8's header: geometry field
+    for t in kv.values():
+        t.view(torch.int16).fill_(0x5A5A)            # targets hold recognisable old bytes
+    old = block_bytes(kv, axis, 0)
+    done, bad = copier.to_device_verified(slots, [0, 5, 6, 7], keys, fp)
+    done.wait()
+    assert bad == [1, 2, 3]
+    assert block_bytes(kv, axis, 0) == want[0]
+    assert block_bytes(kv, axis, 5) == block_bytes(kv, axis, 6) == bytes(len(want[0]))
+    assert block_bytes(kv, axis, 7) == old             # header refused: nothing copied
+
+
 class _FakeStream:
     def __init__(self, *args, **kwargs):
         pass

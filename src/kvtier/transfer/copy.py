@@ -22,11 +22,12 @@ raises ``TransferError`` and changes nothing.
 
 Checksums (``block_format``) ride along when the caller names the blocks' keys: an offload with
 ``keys`` stamps each slot's header, and ``to_device_verified`` checks each slot against its key
-before any of its bytes reach the device; a slot that fails is not copied and is reported. On CPU
-both happen block by block inside the copy loop, so the checksum reads bytes the copy has just
+before the engine may use it; a slot that fails is reported and recomputed by the engine. On CPU
+both happen run by run inside the copy loop, so the checksum reads bytes the copy has just
 written (offload) or is about to read (onboard) while they are in cache: the extra pass costs
-cache bandwidth, not a second trip through memory. On CUDA the host side is checksummed before
-each chunk's DMA (onboard) or after the copy lands (offload).
+cache bandwidth, not a second trip through memory (a block whose checksum fails at its last run
+is zeroed on the device). On CUDA the host side is checksummed before each chunk's DMA (onboard:
+a failing slot is never copied) or after the copy lands (offload).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ from kvtier.storage.host import HostArena
 from kvtier.tiers import BlockKey
 
 _memmove = ctypes.memmove
-_xxh3 = xxhash.xxh3_64_intdigest
 
-# A stamping offload checksums each block's payload in runs of this many bytes, each right after
-# the copy wrote it (still in L2), with one streaming xxh3 per block (the same digest).
+# Checked copies hash each block's payload in runs of this many bytes with one streaming xxh3 per
+# block (the same digest as one call): an offload right after the copy wrote the run, an onboard
+# right before the copy reads it, so the run is in L2 for the second pass either way.
 _STAMP_RUN_BYTES = 256 << 10
 
 # CPU copies of at least this many bytes are split over ``copy_threads`` threads: one thread
@@ -217,12 +218,14 @@ class BlockCopier:
     def to_device_verified(self, slots, block_ids, keys: Sequence[BlockKey], fingerprint: int,
                            *, check: Sequence[bool] | None = None,
                            after: Any = None) -> tuple[Completion, list[int]]:
-        """``to_device``, but slot ``i`` is first verified as block ``keys[i]`` of geometry
-        ``fingerprint`` (header fields and payload checksum); a slot that fails is not copied.
-        ``check[i]`` False trusts slot ``i`` (it was verified on its way into the arena).
+        """``to_device``, but slot ``i`` is verified as block ``keys[i]`` of geometry
+        ``fingerprint`` (header fields and payload checksum). ``check[i]`` False trusts slot
+        ``i`` (it was verified on its way into the arena).
 
-        Returns the completion and the batch indices that failed, in order: their device
-        blocks are untouched."""
+        Returns the completion and the batch indices that failed, in order. A failed block
+        holds none of its slot's bytes: untouched on CUDA (verified before the DMA) and when its
+        header is wrong, zeroed on CPU when its payload checksum fails (checked while copying).
+        The caller reports it as a load error so the engine recomputes it."""
         blocks, arena_slots = _check_batch(self.dev, block_ids, self.arena, slots, "blocks")
         _check_keys(keys, blocks.size)
         if check is not None and len(check) != blocks.size:
@@ -345,16 +348,22 @@ class _CpuCopier:
         else:
             work(0, nblocks)
 
-    def to_host_stamped(self, blocks: np.ndarray, slots: np.ndarray,
-                        keys: Sequence[BlockKey], fingerprint: int) -> None:
-        """Copy each block into its slot run by run, checksumming each run of the payload just
-        after writing it (still in cache), then stamp the header."""
-        seg_idx, in_seg, offsets, lengths, runs = self._stamp_pieces()
-        num_pieces = len(lengths)
+    def _piece_addresses(self, blocks: np.ndarray, slots: np.ndarray) -> tuple[list, list]:
+        """Device and arena addresses of every piece (see ``_stamp_pieces``) of each block."""
+        seg_idx, in_seg, offsets, _, _ = self._stamp_pieces()
         dev = (self._dev_addr[seg_idx][None, :] + blocks[:, None] * self._dev_stride[seg_idx]
                + in_seg[None, :]).ravel().tolist()
         host = (self._arena_base + slots[:, None] * self._slot_bytes + HEADER_BYTES
                 + offsets[None, :]).ravel().tolist()
+        return dev, host
+
+    def to_host_stamped(self, blocks: np.ndarray, slots: np.ndarray,
+                        keys: Sequence[BlockKey], fingerprint: int) -> None:
+        """Copy each block into its slot run by run, checksumming each run of the payload just
+        after writing it (still in cache), then stamp the header."""
+        _, _, _, lengths, runs = self._stamp_pieces()
+        num_pieces = len(lengths)
+        dev, host = self._piece_addresses(blocks, slots)
         slot_list = slots.tolist()
         arena = memoryview(self._arena.array)
         slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
@@ -379,34 +388,46 @@ class _CpuCopier:
     def to_device_verified(self, slots: np.ndarray, blocks: np.ndarray,
                            keys: Sequence[BlockKey], fingerprint: int,
                            check: Sequence[bool] | None) -> list[int]:
-        """Per block: checksum the slot's payload (pulling it into cache), then copy it out
-        only if it matches its header. Returns the failed batch indices."""
-        dev, host = self._addresses(blocks, slots)
-        num_seg = len(self._nbytes)
-        sizes = self._nbytes.tolist()
+        """Per block: check the header, then checksum the payload run by run, copying each run
+        out right after hashing it (so the copy reads it from cache, not memory: one trip
+        through memory instead of two). A block whose header does not match is not copied; one
+        whose payload checksum does not match is zeroed on the device once the last run is in.
+        Either way it is reported, and the engine recomputes it before any token attends to
+        it. Returns the failed batch indices."""
+        _, _, _, lengths, runs = self._stamp_pieces()
+        num_pieces = len(lengths)
+        dev, host = self._piece_addresses(blocks, slots)
         slot_list = slots.tolist()
         arena = memoryview(self._arena.array)
         slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
-        memmove, xxh3 = _memmove, _xxh3
+        memmove, memset = _memmove, ctypes.memset
         bad: list[int] = []
 
         def work(first: int, stop: int) -> None:
+            digest = xxhash.xxh3_64()
             for j in range(first, stop):
-                if check is None or check[j]:
-                    start = slot_list[j] * slot_bytes
-                    payload = start + HEADER_BYTES
-                    try:
-                        want = expected_checksum(arena[start:payload], keys[j], fingerprint,
-                                                 payload_bytes)
-                    except BlockFormatError:
-                        bad.append(j)
-                        continue
-                    if xxh3(arena[payload:payload + payload_bytes]) != want:
-                        bad.append(j)
-                        continue
-                at = j * num_seg
-                for k in range(num_seg):
-                    memmove(dev[at + k], host[at + k], sizes[k])
+                at = j * num_pieces
+                if check is not None and not check[j]:
+                    for k in range(at, at + num_pieces):
+                        memmove(dev[k], host[k], lengths[k - at])
+                    continue
+                start = slot_list[j] * slot_bytes
+                payload = start + HEADER_BYTES
+                try:
+                    want = expected_checksum(arena[start:payload], keys[j], fingerprint,
+                                             payload_bytes)
+                except BlockFormatError:
+                    bad.append(j)
+                    continue
+                digest.reset()
+                for piece, end, lo, hi in runs:
+                    digest.update(arena[payload + lo:payload + hi])
+                    for k in range(at + piece, at + end):
+                        memmove(dev[k], host[k], lengths[k - at])
+                if digest.intdigest() != want:
+                    for k in range(at, at + num_pieces):
+                        memset(dev[k], 0, lengths[k - at])
+                    bad.append(j)
 
         self._by_block(work, blocks.size)
         return sorted(bad)
@@ -573,7 +594,7 @@ def copy_host_to_device(arena: HostArena, slots, dev: DeviceKV, block_ids, *,
     """Copy arena slot payloads into device blocks and return when they are on the device.
 
     With ``keys``, slots are verified first (see ``BlockCopier.to_device_verified``); returns
-    the batch indices that failed and were not copied (always empty without ``keys``)."""
+    the batch indices that failed (always empty without ``keys``): the engine must recompute them."""
     copier = _shared_copier(dev, arena)
     after = _current_stream_event(dev)
     if keys is None:
