@@ -1,5 +1,5 @@
-"""Real vLLM engines sharing KV through G4: cross-instance reuse (Redis) and disaggregated
-prefill/decode (Mooncake Store).
+"""Real vLLM engines sharing KV through G4: cross-instance reuse (one Redis server, a 3-master
+Redis Cluster, a SeaweedFS S3 gateway) and disaggregated prefill/decode (Mooncake Store).
 
 Each engine runs in its own process with its own host tier and no shared disk; the only thing
 the engines share is the remote store, and the kvtier engines reset vLLM's device prefix cache
@@ -14,12 +14,15 @@ sequence of prompts: prefilling on top of cached KV, the computation kvtier's ru
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
-from servers import free_port
+from servers import RedisClusterServers, SeaweedS3Server, free_port
 
 from kvtier.cli.demo import conversation_prompts
 from kvtier.cli.oracle import compare
 from kvtier.cli.vllm_job import run_job_process
+from need import need, need_servers
 
 pytestmark = pytest.mark.slow
 
@@ -81,11 +84,41 @@ def baseline(tiny_model, turns, pd_prompts, tmp_path_factory):
     return result["phases"]
 
 
-def test_cross_instance_reuse_through_redis(tiny_model, turns, baseline, redis_server,
-                                            tmp_path):
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """Three masters on loopback, no replicas: keys of one batch live on different masters."""
+    need_servers("redis")
+    need(None if shutil.which("redis-cli") else "redis-cli not installed (Debian redis-tools)")
+    with RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    need("; ".join(SeaweedS3Server.missing()))
+    with SeaweedS3Server(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture(params=["redis", "redis-cluster", "s3"])
+def shared_store(request, monkeypatch) -> str:
+    """The URL of a store both engines reach; S3 credentials reach the engines' processes
+    through the AWS chain (their environment), never the URL."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster").url
+    server = request.getfixturevalue("s3_server")
+    for name, value in server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    return server.url(prefix="cross-instance")
+
+
+def test_cross_instance_reuse_through_shared_store(tiny_model, turns, baseline, shared_store,
+                                                   tmp_path):
     """A computes turn 1; B, with no host cache of its own, serves turn 2 (which extends turn
     1) from what A left in the store."""
-    url, model_id = redis_server.url, "tiny/cross"
+    url, model_id = shared_store, "tiny/cross"
     a_extra = {"host_cache_gb": 0.2, "remote_url": url, "model_id": model_id}
     a = run_job_process(job(tiny_model, [phase(turns[0])], kvtier(a_extra)),
                         log_path=str(tmp_path / "a.log"))
@@ -103,6 +136,7 @@ def test_cross_instance_reuse_through_redis(tiny_model, turns, baseline, redis_s
     assert metric(b, "kvtier_matched_tokens", tier="G4") >= prefix_tokens - BLOCK * len(turns[0])
     assert metric(b, "kvtier_matched_tokens", tier="G2") == 0
     assert metric(b, "kvtier_load_errors") == 0
+    assert metric(b, "kvtier_checksum_failures") == 0
 
 
 def test_disaggregated_prefill_then_decode_through_mooncake(tiny_model, pd_prompts, baseline,
