@@ -61,3 +61,15 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
+
+# The container image (deploy/docker): built on this machine from scratch, on a debootstrap base
+# when no image registry is reachable (installs docker.io and debootstrap when missing; starts
+# and stops its own dockerd). COLD=1 builds without cached layers.
+.PHONY: image image-check
+image:
+	deploy/docker/image.sh $(if $(COLD),--cold) build
+
+# Runs the image for real: vLLM's OpenAI server with kvtier on the container's loopback, one
+# completion, kvtier's start-up line in the log.
+image-check:
+	deploy/docker/image.sh check
