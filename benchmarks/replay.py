@@ -1,14 +1,26 @@
-"""Replay benchmark: the best eviction policy against LRU and Belady, and replay speed.
+"""Replay benchmark: the best eviction policy per trace and capacity against LRU and both
+offline bounds, on traces the policies were not tuned on, and replay speed.
 
-Claims measured (on the Mooncake FAST'25 conversation trace, 512-token blocks):
-  * ``arc`` block hit ratio / LRU's at 1,000 / 3,000 / 6,000 / 24,000 blocks (target >= 1.3x at
-    1,000 and 3,000, never below 1.0), and its fraction of Belady's optimum;
-  * replaying the whole trace at one capacity through the real BlockPool takes well under 20 s;
-    the baseline is a bare OrderedDict LRU (the data README's 40-line sanity script), so the
-    ratio is the cost of driving the real pool and policies instead of a toy cache.
+Traces (512-token blocks):
+  * ``mooncake``: the Mooncake FAST'25 conversation trace. The policies' constants were chosen
+    on it, so it is reported but marked ``tuned`` and left out of the held-out targets;
+  * ``azure_conv`` / ``azure_code``: the Azure 2023 traces turned into prefix sessions
+    (kvtier.replay.azure, seeds 0 and 1: two sharing patterns over the same arrivals);
+  * ``synthetic_*``: multi-round QA (kvtier.replay.synthetic), two seeds and two sharing
+    patterns (10 users at a time with a 1,000-token shared prompt, lengths +-20 %; 30 at a
+    time, Poisson arrivals, no shared prompt, lengths +-50 %).
 
-Prints a table, then one JSON object as the last stdout line.
-Usage: python benchmarks/replay.py [--quick] [--trace FILE] [--repeat N]
+Capacities are fractions of each trace's working set (unique blocks): 1 %, 3 %, 10 % (the
+targets' range) and 30 %. Per (trace, capacity) every policy of ``kvtier replay --policies
+all`` runs and the best is picked from the results (never fixed in advance). Targets on the
+held-out traces at capacities up to 10 %: best >= 1.3x LRU and >= 0.5x Belady; the
+single-policy line says which policy's worst ratio to LRU over every run is highest (a default
+must never fall below LRU). Capacities never go below the trace's longest request. Replay speed: one replay per capacity of the whole
+Mooncake trace through the real BlockPool, against a bare OrderedDict LRU (the data README's
+sanity script).
+
+Prints tables, then one JSON object as the last stdout line.
+Usage: python benchmarks/replay.py [--quick] [--repeat N]
 """
 
 from __future__ import annotations
@@ -23,12 +35,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from kvtier.replay import BeladyOracle, CostModel, TierSpec, load_trace, replay
+from kvtier.replay import (
+    ALL_POLICIES,
+    CostModel,
+    MultiRoundQASpec,
+    TierSpec,
+    compare_policies,
+    generate_multi_round_qa,
+    load_trace,
+    replay,
+)
+from kvtier.replay.azure import AzurePrefixSpec, load_azure_trace
+from kvtier.replay.compare import summarize
 from kvtier.tiers import Tier
 from need import data_dir  # ../shared/data beside the repository, or $TEST_DATA_DIR
 
-DEFAULT_TRACE = str(data_dir() / "mooncake_fast25" / "conversation_trace.jsonl")
-BEST = "arc"
+FRACTIONS = (0.01, 0.03, 0.1, 0.3)
+TARGET_FRACTION = 0.1
+COST = CostModel(bytes_per_token=131072)
 
 
 def bare_lru_hits(trace, capacity: int) -> int:
@@ -57,49 +81,112 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def traces(quick: bool) -> list[tuple[str, bool, object]]:
+    """(name, tuned on it, trace)."""
+    data = data_dir()
+    limit = 3000 if quick else None
+    out = [("mooncake", True, load_trace(data / "mooncake_fast25" / "conversation_trace.jsonl",
+                                         limit=limit))]
+    for kind in ("conv", "code"):
+        for seed in ((0,) if quick else (0, 1)):
+            csv = data / "azure_llm_2023" / f"AzureLLMInferenceTrace_{kind}.csv"
+            out.append((f"azure_{kind}_s{seed}", False,
+                        load_azure_trace(csv, AzurePrefixSpec(seed=seed), limit=limit)))
+    shapes = {"shared": {"concurrent_users": 10, "jitter": 0.2},
+              "private": {"concurrent_users": 30, "system_prompt_tokens": 0, "poisson": True,
+                          "jitter": 0.5, "min_rounds": 2}}
+    for shape, knobs in shapes.items():
+        for seed in ((0,) if quick else (0, 1)):
+            spec = MultiRoundQASpec(num_users=60 if quick else 200, num_rounds=8, seed=seed,
+                                    **knobs)
+            out.append((f"synthetic_{shape}_s{seed}", False, generate_multi_round_qa(spec)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=DEFAULT_TRACE)
     parser.add_argument("--quick", action="store_true",
-                        help="first 3,000 requests, two capacities, one timing run")
+                        help="first 3,000 requests, one seed per source, two capacities, one "
+                             "timing run")
     parser.add_argument("--repeat", type=int, default=3, help="timing runs (median)")
     args = parser.parse_args()
-
-    trace = load_trace(args.trace, limit=3000 if args.quick else None)
-    capacities = (250, 1000) if args.quick else (1000, 3000, 6000, 24000)
+    fractions = (0.01, TARGET_FRACTION) if args.quick else FRACTIONS
     repeat = 1 if args.quick else args.repeat
-    cost = CostModel(bytes_per_token=131072)
-    oracle = BeladyOracle(trace)
 
     results = []
-    print(f"trace {trace.source}: {len(trace)} requests, {trace.num_block_accesses} block "
-          "accesses")
-    print(f"{'capacity':>9} {'lru':>8} {BEST:>8} {'belady':>8} {'x lru':>7} {'of belady':>9}")
-    for capacity in capacities:
-        lru = replay(trace, [TierSpec(Tier.G1, capacity)], cost=cost).total.block_hit_ratio
-        best = replay(trace, [TierSpec(Tier.G1, capacity, eviction=BEST)],
-                      cost=cost).total.block_hit_ratio
-        bound = oracle.replay(capacity).block_hit_ratio
-        print(f"{capacity:>9} {100 * lru:7.2f}% {100 * best:7.2f}% {100 * bound:7.2f}% "
-              f"{best / lru:7.2f} {best / bound:9.2f}")
-        results.append({"metric": f"block_hit_ratio_{BEST}_{capacity}", "value": best,
-                        "unit": "ratio", "baseline": f"lru_{capacity}", "baseline_value": lru,
-                        "ratio": best / lru})
-        results.append({"metric": f"block_hit_ratio_{BEST}_{capacity}_vs_optimum", "value": best,
-                        "unit": "ratio", "baseline": f"belady_{capacity}",
-                        "baseline_value": bound, "ratio": best / bound})
+    held_out_small: list[tuple[str, int, object]] = []   # (trace, capacity, summary)
+    per_policy: dict[str, list[float]] = {}              # ratios to LRU, every run
+    mooncake = None
+    print(f"{'trace':<22} {'capacity':>8} {'best':<12} {'x lru':>6} {'/belady':>8} "
+          f"{'/bel_blk':>8}  tuned")
+    for name, tuned, trace in traces(args.quick):
+        unique = trace.num_unique_blocks
+        # Never below the longest request: a cache that cannot hold one prompt is no test.
+        longest = max(len(r.hash_ids) for r in trace.requests)
+        capacities = [max(longest, round(unique * f)) for f in fractions]
+        if len(set(capacities)) < len(capacities):
+            capacities = sorted(set(capacities))
+        rows = compare_policies(trace, capacities, ALL_POLICIES, cost=COST)
+        if name == "mooncake":
+            mooncake = (trace, capacities)
+        for item in summarize(rows):
+            fraction = item.capacity_blocks / unique
+            print(f"{name:<22} {item.capacity_blocks:>8} {item.best_policy:<12} "
+                  f"{item.vs_lru:6.2f} {item.vs_belady:8.2f} {item.vs_belady_blocks:8.2f}  "
+                  f"{'yes' if tuned else ''}")
+            tag = f"{name}_{item.capacity_blocks}"
+            results.append({"metric": f"best_block_hit_ratio_{tag}", "value": item.best_hit_ratio,
+                            "unit": "ratio", "baseline": f"lru ({item.best_policy} best)",
+                            "baseline_value": item.lru_hit_ratio, "ratio": item.vs_lru})
+            results.append({"metric": f"best_vs_belady_{tag}", "value": item.best_hit_ratio,
+                            "unit": "ratio", "baseline": "belady",
+                            "baseline_value": item.belady_hit_ratio, "ratio": item.vs_belady})
+            lru = item.lru_hit_ratio
+            for row in rows:
+                if row.capacity_blocks == item.capacity_blocks and row.policy in ALL_POLICIES:
+                    ratio = row.block_hit_ratio / lru if lru else 1.0
+                    per_policy.setdefault(row.policy, []).append(ratio)
+            if not tuned and fraction <= TARGET_FRACTION + 1e-9:
+                held_out_small.append((name, item.capacity_blocks, item))
 
-    capacity = capacities[0]
-    pool_s, pool_result = timed(
-        lambda: replay(trace, [TierSpec(Tier.G1, capacity)], cost=cost), repeat)
-    bare_s, bare_hits = timed(lambda: bare_lru_hits(trace, capacity), repeat)
-    print(f"replay at {capacity} blocks, LRU: real pool {pool_s:.2f} s, bare OrderedDict "
-          f"{bare_s:.2f} s (median of {repeat}); hits {pool_result.total.blocks_hit} vs "
-          f"{bare_hits}")
-    results.append({"metric": f"replay_seconds_lru_{capacity}", "value": pool_s, "unit": "s",
-                    "baseline": "bare_ordereddict_lru", "baseline_value": bare_s,
-                    "ratio": pool_s / bare_s})
+    worst_lru = min(held_out_small, key=lambda t: t[2].vs_lru)
+    worst_opt = min(held_out_small, key=lambda t: t[2].vs_belady)
+    met_lru = sum(1 for t in held_out_small if t[2].vs_lru >= 1.3)
+    met_opt = sum(1 for t in held_out_small if t[2].vs_belady >= 0.5)
+    print(f"held out, capacities <= {TARGET_FRACTION:.0%} of the working set: best >= 1.3x LRU "
+          f"in {met_lru}/{len(held_out_small)} runs (worst {worst_lru[2].vs_lru:.2f} on "
+          f"{worst_lru[0]} @ {worst_lru[1]}), >= 0.5x Belady in {met_opt}/{len(held_out_small)}"
+          f" (worst {worst_opt[2].vs_belady:.2f} on {worst_opt[0]} @ {worst_opt[1]})")
+    results.append({"metric": "held_out_worst_best_vs_lru", "value": worst_lru[2].vs_lru,
+                    "unit": "ratio", "baseline": "target 1.3", "baseline_value": 1.3,
+                    "ratio": worst_lru[2].vs_lru / 1.3})
+    results.append({"metric": "held_out_worst_best_vs_belady", "value": worst_opt[2].vs_belady,
+                    "unit": "ratio", "baseline": "target 0.5", "baseline_value": 0.5,
+                    "ratio": worst_opt[2].vs_belady / 0.5})
+    # The policy that generalises best: highest worst-case ratio to LRU over every run (all
+    # traces and capacities), then highest mean; a default must never fall below LRU.
+    ranked = sorted(per_policy, key=lambda p: (-min(per_policy[p]),
+                                               -statistics.mean(per_policy[p])))
+    print("ratio to LRU of each policy over every run (worst / mean): "
+          + ", ".join(f"{p} {min(per_policy[p]):.2f}/{statistics.mean(per_policy[p]):.2f}"
+                      for p in ranked))
+    general = ranked[0]
+    general_worst = min(per_policy[general])
+    results.append({"metric": f"worst_vs_lru_single_policy_{general}",
+                    "value": general_worst, "unit": "ratio", "baseline": "lru",
+                    "baseline_value": 1.0, "ratio": general_worst})
+
+    trace, capacities = mooncake
+    for capacity in capacities:
+        spec = [TierSpec(Tier.G1, capacity, eviction=general)]
+        pool_s, _ = timed(lambda spec=spec: replay(trace, spec, cost=COST), repeat)
+        bare_s, _ = timed(lambda capacity=capacity: bare_lru_hits(trace, capacity), repeat)
+        print(f"replay of {len(trace)} requests at {capacity} blocks, {general}: real pool "
+              f"{pool_s:.2f} s, bare OrderedDict LRU {bare_s:.2f} s (median of {repeat})")
+        results.append({"metric": f"replay_seconds_{general}_{capacity}", "value": pool_s,
+                        "unit": "s", "baseline": "bare_ordereddict_lru",
+                        "baseline_value": bare_s, "ratio": pool_s / bare_s})
     print(json.dumps({"bench": "replay", "results": results}))
 
 

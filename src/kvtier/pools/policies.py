@@ -1,4 +1,5 @@
-"""Eviction policies beyond LRU: ``lru_freq``, ``s3fifo``, ``arc`` and ``tinylfu``.
+"""Eviction policies beyond LRU: ``lru_freq``, ``s3fifo``, ``arc``, ``tinylfu`` and the
+prefix-aware ``prefix_lru`` and ``prefix_gdsf``.
 
 All of them plug into :class:`~kvtier.pools.block_pool.BlockPool` through the
 :class:`~kvtier.pools.eviction.EvictionPolicy` hooks and register by name, so a tier's config
@@ -20,7 +21,14 @@ can only hit a block whose parent hits).
 Priorities: every policy here orders priority-0 blocks (the pool's default) with its own
 algorithm; blocks registered with a priority above 0 are kept out of it and evicted after all
 priority-0 blocks, lowest priority first, least recently used first (KVBM's order, via
-:class:`~kvtier.pools.eviction.LruEviction`).
+:class:`~kvtier.pools.eviction.LruEviction`). The prefix-aware policies order by priority
+first, then by their own rule, in one heap.
+
+Prefix-aware policies (``prefix_*``) learn each block's parent through ``on_link`` and evict
+leaves of the prefix tree first. Replays of the Mooncake, Azure-derived and synthetic traces
+(benchmarks/replay.py) show why the others rarely need it: a request released tail first
+already puts its chain in leaf-first order, and they strand almost no blocks; the rule matters
+when blocks are released in other orders or shared prefixes are hit alone.
 
 Hot paths use per-block lists allocated once and intrusive doubly linked lists over block ids
 (:class:`_Lists`); ghost histories are bounded ``OrderedDict`` of keys.
