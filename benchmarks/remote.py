@@ -6,6 +6,10 @@ against the same server, through the store's own client doing the same batch of 
 
   redis     raw: redis-py pipeline of SET / GET (GET leaves the bytes in redis-py's reply)
             ours: pipeline of SET NX / GET, copy into the arena, verify header + checksum
+  redis_cluster  a 3-master Redis Cluster on loopback
+            raw: redis-py's RedisCluster pipeline of SET / GET (it writes every node's
+                 commands, then reads every node's replies)
+            ours: SET NX / GET pipelines per master, run concurrently, then as for redis
   mooncake  raw: MooncakeDistributedStore.batch_put_from / batch_get_into on the arena
             ours: the same calls on a deadline thread, then verify header + checksum
   s3        raw: boto3 put_object(Body=bytes(row)) / get_object().read(), one object per
@@ -19,8 +23,8 @@ the order of ours/raw alternates, and medians are quoted. The script starts and 
 (redis-server; mooncake_master + a mooncake_client storage process; SeaweedFS ``weed server
 -s3``) on loopback.
 
-Metrics (GB/s, ratio = ours / raw): redis_put, redis_get, mooncake_put, mooncake_get, s3_put,
-s3_get.
+Metrics (GB/s, ratio = ours / raw): redis_put, redis_get, redis_cluster_put, redis_cluster_get,
+mooncake_put, mooncake_get, s3_put, s3_get.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / "integration"),
                 str(Path(__file__).resolve().parents[1] / "tests")]
 
-from servers import MooncakeServer, RedisServer, SeaweedS3Server
+from servers import MooncakeServer, RedisClusterServers, RedisServer, SeaweedS3Server
 
 from kvtier.storage import block_format
 from kvtier.storage.remote import make_backend, make_namespace, remote_key
@@ -97,7 +101,7 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
     def ours_get():
         return all(ours.batch_get_into(src_keys, dst_views))
 
-    if kind == "redis":
+    if kind in ("redis", "redis_cluster"):
         def raw_put():
             pipe = raw.pipeline(transaction=False)
             for name, view in zip(raw_names, src_views):
@@ -111,8 +115,11 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
             return all(len(value) == block_bytes for value in pipe.execute())
 
         def clear():
-            raw.flushdb()
-            return raw.dbsize() == 0
+            if kind == "redis":
+                raw.flushdb()
+                return raw.dbsize() == 0
+            raw.delete(*ours_names, *raw_names)  # the client splits it by slot
+            return raw.exists(*ours_names, *raw_names) == 0
     elif kind == "s3":
         pool = ThreadPoolExecutor(S3_THREADS)
         bucket = server.bucket
@@ -184,6 +191,8 @@ def bench_store(kind: str, server, num_blocks: int, block_bytes: int, reps: int,
 BASELINES = {
     ("redis", "put"): "redis-py pipeline SET",
     ("redis", "get"): "redis-py pipeline GET",
+    ("redis_cluster", "put"): "redis-py RedisCluster pipeline SET",
+    ("redis_cluster", "get"): "redis-py RedisCluster pipeline GET",
     ("mooncake", "put"): "MooncakeDistributedStore.batch_put_from",
     ("mooncake", "get"): "MooncakeDistributedStore.batch_get_into",
     ("s3", "put"): f"boto3 put_object x{S3_THREADS} threads",
@@ -194,6 +203,8 @@ BASELINES = {
 def make_server(kind: str, store_mb: int):
     if kind == "redis":
         return RedisServer()
+    if kind == "redis_cluster":
+        return RedisClusterServers(masters=3)
     if kind == "mooncake":
         return MooncakeServer(segment_mb=store_mb)
     server = SeaweedS3Server()
@@ -207,7 +218,7 @@ def make_server(kind: str, store_mb: int):
 def missing_store(kind: str) -> str | None:
     if kind == "s3":
         return "; ".join(SeaweedS3Server.missing()) or None
-    return missing_servers(kind)
+    return missing_servers("redis" if kind == "redis_cluster" else kind)
 
 
 def main() -> None:
@@ -217,7 +228,7 @@ def main() -> None:
     parser.add_argument("--block-mib", type=float, default=1.0,
                         help="stored block size, header included")
     parser.add_argument("--reps", type=int, default=0, help="default 9, or 3 with --quick")
-    parser.add_argument("--stores", default="redis,mooncake,s3")
+    parser.add_argument("--stores", default="redis,redis_cluster,mooncake,s3")
     parser.add_argument("--timeout-s", type=float, default=10.0)
     args = parser.parse_args()
     reps = args.reps or (3 if args.quick else 9)
@@ -235,7 +246,7 @@ def main() -> None:
 
     results = []
     print(f"{args.blocks} blocks x {block_bytes} B, {reps} repetitions, median GB/s")
-    print(f"{'metric':<14} {'kvtier':>8} {'raw':>8} {'ratio':>6}  baseline")
+    print(f"{'metric':<18} {'kvtier':>8} {'raw':>8} {'ratio':>6}  baseline")
     for kind in kinds:
         with make_server(kind, store_mb) as server:
             measured = bench_store(kind, server, args.blocks, block_bytes, reps, args.timeout_s)
@@ -243,7 +254,7 @@ def main() -> None:
             ours, raw = measured[op]
             metric = f"{kind}_{op}"
             baseline = BASELINES[(kind, op)]
-            print(f"{metric:<14} {ours:8.3f} {raw:8.3f} {ours / raw:6.2f}  {baseline}")
+            print(f"{metric:<18} {ours:8.3f} {raw:8.3f} {ours / raw:6.2f}  {baseline}")
             results.append({"metric": metric, "value": round(ours, 4), "unit": "GB/s",
                             "baseline": baseline, "baseline_value": round(raw, 4),
                             "ratio": round(ours / raw, 3)})

@@ -1,7 +1,8 @@
 """G4 on Redis: ``redis://[:password@]HOST:PORT/DB[?ttl_s=SECONDS]``.
 
-One pipeline per batch (per node on a Redis Cluster, see ``redis_cluster.py``, which shares this
-module's code). Puts are ``SET key block NX`` (first write wins, so a block another instance
+One pipeline per batch (per master on a Redis Cluster, see ``redis_cluster.py``, which shares this
+module's code: the masters' pipelines run concurrently, one helper thread each, so a batch costs
+one round trip to the slowest master, not one per master). Puts are ``SET key block NX`` (first write wins, so a block another instance
 stored is kept and the put reports success); gets are ``GET`` and are copied into the caller's
 buffers on the calling thread, after the reply arrived. ``ttl_s`` sets an expiry on new blocks;
 otherwise the server's ``maxmemory-policy`` (e.g. ``allkeys-lru``) decides eviction.
@@ -13,7 +14,9 @@ the caller's backoff (``RetryingBackend``) decides when to try again.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -52,6 +55,9 @@ class RedisBackend(RemoteBackend):
             self._password = urlsplit(url).password
         except ValueError as exc:   # e.g. an unclosed IPv6 bracket
             raise ConfigError(f"remote_url={self.url!r} is not allowed: {exc}") from None
+        self._pool: ThreadPoolExecutor | None = None  # group helpers, built when a batch splits
+        self._pool_size = 0
+        self._pool_lock = threading.Lock()
         self._ttl_s = self._open(url)
         try:
             answered = self._runner.run(self.timeout_s, self._probe)
@@ -94,6 +100,7 @@ class RedisBackend(RemoteBackend):
         return self._client.ping() is True
 
     def _close(self) -> None:
+        self._shutdown_pool()
         self._client.close()
         self._client.connection_pool.disconnect()
 
@@ -130,20 +137,44 @@ class RedisBackend(RemoteBackend):
         failed key), or DOWN/TIMEOUT (an int) for every key of a group whose server was
         lost; the other groups keep their own replies."""
         out: list[Any] = [FAILED] * len(names)
-        for client, positions in self._groups(names):
+
+        def run(group: Group) -> None:
+            client, positions = group
             pipe = client.pipeline(transaction=False)
             for idx in positions:
                 queue(pipe, idx)
             try:
                 replies = pipe.execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                lost = self._lost(exc, client)
-                for idx in positions:
-                    out[idx] = lost
-                continue
+                replies = [self._lost(exc, client)] * len(positions)
             for idx, reply in zip(positions, replies):
                 out[idx] = reply
+
+        groups = self._groups(names)
+        if len(groups) == 1:
+            run(groups[0])
+        else:
+            # Each group's sockets have their own timeout, so every helper returns in bounded
+            # time; an exception other than a lost server propagates as before.
+            for done in [self._group_pool(len(groups)).submit(run, g) for g in groups]:
+                done.result()
         return out
+
+    def _group_pool(self, size: int) -> ThreadPoolExecutor:
+        """Helpers for the groups of one batch (grown to the number of masters)."""
+        with self._pool_lock:
+            if self._pool is None or self._pool_size < size:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(size, thread_name_prefix=f"kvtier-{self.scheme}")
+                self._pool_size = size
+            return self._pool
+
+    def _shutdown_pool(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
 
     def _outcome(self, reply: Any, success: int | None) -> int:
         """A reply as a result code: ``success`` (None: the reply itself, an int) for a

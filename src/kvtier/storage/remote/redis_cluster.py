@@ -4,7 +4,7 @@ The hosts are startup nodes: any reachable one is enough to discover the cluster
 slots. The data path is the single-server backend's (``redis.py``): ``SET NX`` / ``GET`` /
 ``EXISTS`` with the same ``ttl_s`` and the same verification of every block read, except that a
 batch is split by hash slot into one non-transactional pipeline per master (never a cross-slot
-``MSET``/``MGET``). Each key keeps its own result: the keys of a master that fails are misses or
+``MSET``/``MGET``), the masters' pipelines running concurrently. Each key keeps its own result: the keys of a master that fails are misses or
 failed puts (and turn the backend unhealthy until ``probe()``), the other masters' keys are
 served as usual.
 
@@ -100,6 +100,7 @@ class RedisClusterBackend(RedisBackend):
             cluster.get_redis_connection(node).ping() is True for node in primaries)
 
     def _close(self) -> None:
+        self._shutdown_pool()
         if self._cluster is not None:
             self._cluster.close()
 
