@@ -143,6 +143,9 @@ class Leader:
                                block_tokens, self._recompute_from)
             self.offloads = OffloadPipeline(self.host, self.disk, self.remote, self.ops)
 
+        # A prefix-aware tier policy needs each block's parent even with events off.
+        self._link_parents = any(m is not None and m.pool.links_parents
+                                 for m in (self.host, self.disk))
         self._remote_loads = remote_loads
         self._requests: dict[str, _Request] = {}
         self._rank_lag_logged = False
@@ -228,7 +231,8 @@ class Leader:
                          "is recomputed", req_id, num_blocks, len(tiers))
         keys = req.hashes[start:start + len(tiers)] if req is not None else []
         origins = ([self._origin(req, start + i) for i in range(len(keys))]
-                   if self.events is not None and req is not None else None)
+                   if (self.events is not None or self._link_parents) and req is not None
+                   else None)
         self.loads.begin(req_id, device_block_ids, start, keys, tiers, num_blocks,
                          sync=req is not None and req.match_sync, origins=origins,
                          priority=req.priority if req is not None else MAX_PRIORITY)
@@ -441,8 +445,11 @@ class Leader:
                                                   extra_keys=extra))
 
     def _origin(self, req: _Request, block: int) -> BlockOrigin | None:
-        """Block ``block``'s parent key and tokens for its Stored events (None: events off)."""
+        """Block ``block``'s parent key and tokens for its Stored events; only the parent key
+        when events are off but a tier's policy links parents; else None."""
         if self.events is None:
+            if self._link_parents:   # only the parent: nothing builds a Stored event
+                return BlockOrigin(req.hashes[block - 1] if block else None)
             return None
         bt = self.block_tokens
         return BlockOrigin(req.hashes[block - 1] if block else None,

@@ -262,3 +262,25 @@ def test_azure_bad_header_is_a_trace_error(tmp_path):
     bad.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(TraceError, match="header"):
         load_azure_trace(bad)
+
+
+# -- the connector's tiers learn parents too ------------------------------------------------------
+@pytest.mark.parametrize("events", [False, True])
+def test_leader_tiers_link_parents_with_events_on_or_off(events):
+    from kvtier.config import KvtierConfig
+    from kvtier.leader import Leader
+
+    config = KvtierConfig(host_cache_blocks=16, host_eviction_policy="prefix_lru")
+    leader = Leader(config, block_tokens=4, block_bytes=64, max_blocks_per_request=8,
+                    events=events)
+    tokens = list(range(12))
+    assert leader.match("r", tokens, 0) == 0
+    leader.progress("r", tokens, 12, [0, 1, 2])
+    plan = leader.take_plan()
+    from kvtier.protocol import WorkerReport
+    leader.on_report(WorkerReport(ops_ok=list(plan.stores.op_ids), recovered=[]))
+    pool = leader.host.pool
+    slots = [pool.block_of(key) for key in leader._requests["r"].hashes]
+    assert None not in slots
+    # Each block's parent is the block before it in the request (the policy's own record).
+    assert [pool.eviction._parent[s] for s in slots] == [-1, slots[0], slots[1]]

@@ -123,6 +123,11 @@ class BlockPool:
     def eviction(self) -> EvictionPolicy:
         return self._eviction
 
+    @property
+    def links_parents(self) -> bool:
+        """Whether the eviction policy learns the prefix tree (pass ``parent`` to register)."""
+        return self._wants_links
+
     # -- per block ------------------------------------------------------------------------
     def key_of(self, block_id: int) -> BlockKey | None:
         self._check_id(block_id)
