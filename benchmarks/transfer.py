@@ -9,8 +9,9 @@ Every row times the calls production makes (``kvtier.worker.Worker``):
   ``copy_host_to_device`` (the process-wide ``BlockCopier`` of the device and arena, built with
   its defaults, as the worker gets it). With ``verify_host`` on (the default) an offload stamps
   each slot's header with its checksum and an onboard verifies every slot already resident in
-  G2 against its key before any of its bytes reach the device; here every slot is checked (the
-  worst case: blocks staged from G3/G4 were verified on arrival and are trusted).
+  G2 against its key while it copies it, run by run (a block that fails is zeroed on the
+  device and recomputed by the engine); here every slot is checked (the worst case: blocks
+  staged from G3/G4 were verified on arrival and are trusted).
 - G2 <-> G3 goes through ``TransferEngine.submit`` + ``wait`` with the worker's engine settings
   (validation, queues, chunking, worker threads).
 
