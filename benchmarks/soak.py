@@ -1,0 +1,308 @@
+"""Three vLLM + kvtier engines sharing one Redis Cluster under a trace-driven load.
+
+Requests come from the Mooncake conversation trace (``../shared/data/mooncake_fast25``): each of
+its 512-token hash blocks becomes ``WORDS_PER_HASH`` words of the tiny test model's vocabulary,
+drawn from an RNG seeded by the hash id, so requests that share a prefix in the trace share it
+here. The trace's first hundred or so requests share only their first hash block, so the soak
+takes its first requests that continue an earlier one (share more than that block with it), and
+those earlier ones ("sources"). Sources go round-robin over the three engines, each
+continuation to the engine after its source's; every engine runs its sources, then (after a
+short pause) its continuations. The three engines run at the same time, each in its own process
+with its own host tier and no disk tier, and reset vLLM's device prefix cache (and with it
+kvtier's host tier) before every prompt, so what an engine reuses comes through G4, a 3-master
+Redis Cluster on loopback started here; the exception is G2 blocks still pinned by their own
+put to the store when the next prompt arrives (reset frees them only when the put ends), which
+show as G2 hits. Which source is in the store when its continuation arrives depends on how the
+engines interleave; a continuation that misses recomputes, and the outputs must match either
+way. One engine has a value corrupted on one of its G4 reads (the ``remote.get:corrupt`` fault
+hook): verification must catch it and the block be recomputed.
+
+Checked at the end: every engine's outputs match vLLM alone (``kvtier.cli.oracle``: float32,
+same greedy tokens, logprobs within tolerance; the baseline is one engine with its own prefix
+cache over all the requests), no transfer is left in flight (kvtier's
+``kvtier_inflight_transfers`` gauges, read after a short drain phase), no load errors other than
+the injected corruption. Reported: hit ratios per tier (tokens onboarded from each tier over
+prompt tokens looked up) per engine and overall.
+
+The claims are absolute, so their baseline is the target itself (wrong outputs 0, blocks in
+flight 0); the hit ratios are what the trace shares, reported against vLLM alone (0: it keeps no
+KV beyond its device cache, which is reset here). ``--quick``: 12 continuations and their sources
+(24 requests; a few minutes on 2 shared cores, vLLM's start included); default 45. Exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests")]
+
+from kvtier.cli.tiny_model import random_words
+from need import data_dir, missing_file, missing_servers, require_or_note
+
+TRACE = data_dir() / "mooncake_fast25" / "conversation_trace.jsonl"
+NUM_ENGINES = 3
+BLOCK = 32
+WORDS_PER_HASH = 64          # the trace's 512-token hash blocks, scaled down 8x
+MAX_PROMPT_HASHES = 16       # prompts of at most 1024 tokens
+MAX_MODEL_LEN = 4096
+CORRUPTED_ENGINE = 1
+# Skip two G4 reads of that engine, corrupt one value of the third: by then it has blocks of
+# its own and of the others to read.
+CORRUPT_FAULT = "remote.get:corrupt:after=2:times=1"
+# Before reading the gauges: every store call has answered or timed out (remote_timeout_ms,
+# 2 s by default) by the end of the pause, and the drain prompt's steps collect the reports.
+DRAIN_PAUSE_S = 3.0
+# Before its continuations, so that an engine that started late has computed more of the
+# sources the others' continuations read (a head start, not a barrier: any interleaving is
+# correct, it only moves hits between G4 and recompute).
+CONTINUATION_PAUSE_S = 2.0
+DRAIN_TOKENS = 8
+TIERS = ("G2", "G3", "G4")
+CONNECTOR = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm"}
+
+
+def hash_block_words(hash_id: int) -> list[str]:
+    rng = random.Random(hash_id * 2654435761 + 17)
+    return random_words(rng, WORDS_PER_HASH).split()
+
+
+def trace_requests(num_pairs: int):
+    """The trace's first ``num_pairs`` requests that share a prefix beyond the common first
+    hash block with an earlier request (each of those is a "continuation"), and the earliest
+    request that holds each one's shared prefix (its "source"): (sources, continuations, source
+    of each continuation), requests as ``TraceRequest``. The trace's first hundred or so
+    requests share only that first block, so a soak of its head would test little."""
+    from kvtier.replay.trace import load_trace
+
+    requests = load_trace(TRACE).requests
+    holder: dict[int, int] = {}   # hash id -> index of the first request with it
+    continuations: list[int] = []
+    source_of: dict[int, int] = {}
+    for idx, req in enumerate(requests):
+        hashes = req.hash_ids[:MAX_PROMPT_HASHES]
+        shared = [h for h in hashes[1:] if h in holder]
+        source = holder.get(shared[-1]) if shared else None
+        if source is not None and source not in source_of:  # a source is never a continuation
+            continuations.append(idx)
+            source_of[idx] = source
+            if len(continuations) == num_pairs:
+                break
+        for h in hashes:
+            holder.setdefault(h, idx)
+    sources = sorted(set(source_of.values()))
+    return ([requests[i] for i in sources], [requests[i] for i in continuations],
+            [sources.index(source_of[i]) for i in continuations])
+
+
+def prompt_of(req) -> tuple[str, int]:
+    """(prompt, max_tokens) of a trace request: prompts share words wherever requests share
+    hash ids; 1-4 generated tokens, from the trace's output length."""
+    words = [w for h in req.hash_ids[:MAX_PROMPT_HASHES] for w in hash_block_words(h)]
+    # The last hash block is partial in the trace, as it is here.
+    num_words = min(len(words), max(2, math.ceil(req.input_length * WORDS_PER_HASH / 512)))
+    return " ".join(words[:num_words]), 1 + req.output_length % 4
+
+
+def soak_plan(num_pairs: int) -> tuple[list[tuple[str, int]], list[list[int]], int]:
+    """The requests, sources first then continuations, each group in trace order, as
+    (prompt, max_tokens); and for each engine the indices of its requests, its sources before
+    its continuations; and the number of sources. Sources go round-robin; a continuation goes to the engine after its
+    source's, so its shared prefix can only come from another engine, through G4."""
+    sources, continuations, source_index = trace_requests(num_pairs)
+    requests = [prompt_of(r) for r in sources] + [prompt_of(r) for r in continuations]
+    engine_of = [i % NUM_ENGINES for i in range(len(sources))]
+    share: list[list[int]] = [[] for _ in range(NUM_ENGINES)]
+    for i, engine in enumerate(engine_of):
+        share[engine].append(i)
+    for j, src in enumerate(source_index):
+        share[(engine_of[src] + 1) % NUM_ENGINES].append(len(sources) + j)
+    return requests, share, len(sources)
+
+
+def free_port() -> int:
+    from servers import free_port as pick
+    return pick()
+
+
+def engine_job(model: str, requests: list[tuple[str, int]], connector: dict | None,
+               reset: bool, pause_at: int | None = None) -> dict:
+    """A ``vllm_job`` over ``requests`` in order, pausing ``CONTINUATION_PAUSE_S`` before
+    request ``pause_at``."""
+    # Neighbours with the same max_tokens share a phase (one generate() call per prompt).
+    phases = []
+    for i, (prompt, tokens) in enumerate(requests):
+        if phases and phases[-1]["max_tokens"] == tokens and i != pause_at:
+            phases[-1]["prompts"].append(prompt)
+        else:
+            phases.append({"prompts": [prompt], "max_tokens": tokens,
+                           "reset_device_cache": reset,
+                           "pause_s": CONTINUATION_PAUSE_S if i == pause_at else 0})
+    return {"model": model, "block_size": BLOCK, "max_model_len": MAX_MODEL_LEN,
+            "connector": connector, "phases": phases}
+
+
+def kvtier_connector(store_url: str) -> dict:
+    return {**CONNECTOR, "extra": {"metrics_port": free_port(), "onboard_mode": "always",
+                                   "host_cache_gb": 0.2, "remote_url": store_url,
+                                   "model_id": "tiny/soak"}}
+
+
+def joined_outputs(result: dict, num_work_phases: int) -> dict:
+    from kvtier.cli.oracle import join
+    return join(result["phases"][:num_work_phases])
+
+
+def subset(phase: dict, indices: list[int]) -> dict:
+    return {key: [phase[key][i] for i in indices] for key in ("outputs", "logprobs", "margins")}
+
+
+def counter(metrics: dict, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return metrics.get(f"{name}_total{{{label_text}}}" if labels else f"{name}_total", 0.0)
+
+
+def inflight(metrics: dict) -> dict[str, float]:
+    prefix = 'kvtier_inflight_transfers{kind="'
+    return {key[len(prefix):-2]: value for key, value in metrics.items()
+            if key.startswith(prefix)}
+
+
+def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
+    """Run the baseline and the three engines at once; return the report (``ok`` and its
+    ``problems``, per-engine figures, overall hit ratios). Needs the engine cores in their
+    jobs' processes only for memory: set ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` beforehand."""
+    from kvtier.cli.oracle import compare
+    from kvtier.cli.vllm_job import run_job_process
+
+    requests, share, num_sources_total = soak_plan(num_pairs)
+    jobs = {"baseline": engine_job(model, requests, None, reset=False)}
+    work_phases = {}
+    for k, indices in enumerate(share):
+        num_sources = sum(1 for i in indices if i < num_sources_total)
+        j = engine_job(model, [requests[i] for i in indices], kvtier_connector(store_url),
+                       reset=True, pause_at=num_sources)
+        work_phases[f"engine{k}"] = len(j["phases"])
+        j["phases"].append({"prompts": ["w3 w4 w5"], "max_tokens": DRAIN_TOKENS,
+                            "reset_device_cache": False, "pause_s": DRAIN_PAUSE_S})
+        if k == CORRUPTED_ENGINE:
+            j["faults"] = CORRUPT_FAULT
+        jobs[f"engine{k}"] = j
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(run_job_process, j, log_path=str(workdir / f"{name}.log"))
+                   for name, j in jobs.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    wall_s = time.perf_counter() - started
+
+    baseline = joined_outputs(results["baseline"], len(jobs["baseline"]["phases"]))
+    problems: list[str] = []
+    engines = []
+    for k, indices in enumerate(share):
+        name = f"engine{k}"
+        result = results[name]
+        mine = joined_outputs(result, work_phases[name])
+        verdict = compare(subset(baseline, indices), mine)
+        m = result["metrics"]
+        requested = counter(m, "kvtier_requested_tokens")
+        row = {"engine": name, "requests": len(indices), "requested_tokens": requested,
+               "matched_tokens": {t: counter(m, "kvtier_matched_tokens", tier=t) for t in TIERS},
+               "load_errors": counter(m, "kvtier_load_errors"),
+               "checksum_failures": counter(m, "kvtier_checksum_failures"),
+               "dropped_offloads_g4": counter(m, "kvtier_dropped_offloads", tier="G4"),
+               "put_blocks": counter(m, "kvtier_transfer_blocks", direction="g2_to_g4"),
+               "remote_events": {key.split('"')[1]: value for key, value in m.items()
+                                 if key.startswith("kvtier_remote_events_total{")},
+               "inflight": inflight(m), "faults_fired": result.get("faults_fired", 0),
+               "outputs_match": verdict.ok, "verdict": str(verdict)}
+        row["hit_ratio"] = {t: round(v / requested, 4) if requested else 0.0
+                            for t, v in row["matched_tokens"].items()}
+        engines.append(row)
+        if not verdict.ok:
+            problems.append(f"{name}: outputs differ from vLLM alone: {verdict}")
+        if any(row["inflight"].values()) or not row["inflight"]:
+            problems.append(f"{name}: transfers left in flight: {row['inflight']}")
+        injected = row["faults_fired"]
+        if k == CORRUPTED_ENGINE and injected != 1:
+            problems.append(f"{name}: the corruption fault fired {injected} times, expected 1")
+        if row["checksum_failures"] < injected:
+            problems.append(f"{name}: {injected} corrupted values, "
+                            f"{row['checksum_failures']:.0f} checksum failures counted")
+        # A corrupted value is the only load error allowed (it fails one block of one load).
+        if row["load_errors"] > injected:
+            problems.append(f"{name}: {row['load_errors']:.0f} load errors, "
+                            f"{injected} injected")
+        if row["put_blocks"] == 0:
+            problems.append(f"{name}: put nothing to the shared store")
+
+    requested = sum(e["requested_tokens"] for e in engines)
+    matched = {t: sum(e["matched_tokens"][t] for e in engines) for t in TIERS}
+    if matched["G4"] == 0:
+        problems.append("no engine onboarded anything from the shared store")
+    return {"ok": not problems, "problems": problems, "wall_s": wall_s,
+            "requests": len(requests), "engines": engines, "requested_tokens": requested,
+            "hit_ratio": {t: round(v / requested, 4) if requested else 0.0
+                          for t, v in matched.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="12 continuations and their sources instead of 45")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="continuations taken from the trace (each with its source)")
+    args = parser.parse_args()
+    num_pairs = args.pairs or (12 if args.quick else 45)
+    redis_cli = None if shutil.which("redis-cli") else "redis-cli not installed (Debian redis-tools)"
+    if not require_or_note([missing_servers("redis"), redis_cli, missing_file(TRACE)],
+                           "soak.py"):
+        return 0
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process per engine, not two
+    from servers import RedisClusterServers
+
+    from kvtier.cli.tiny_model import make_tiny_llama
+
+    with tempfile.TemporaryDirectory(prefix="kvtier-soak-") as tmp:
+        model = str(make_tiny_llama(Path(tmp) / "model"))
+        with RedisClusterServers(Path(tmp) / "redis-cluster") as cluster:
+            report = run_soak(model, cluster.url, num_pairs, Path(tmp))
+    for row in report["engines"]:
+        print(f"{row['engine']}: {row['requests']} requests, {row['requested_tokens']:.0f} "
+              f"prompt tokens, hit ratio {row['hit_ratio']}, load errors "
+              f"{row['load_errors']:.0f}, checksum failures {row['checksum_failures']:.0f}, "
+              f"in flight {row['inflight']}; {row['verdict']}")
+    print(f"{report['requests']} requests on {NUM_ENGINES} engines in {report['wall_s']:.0f} s; "
+          f"hit ratio {report['hit_ratio']}")
+    for problem in report["problems"]:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    wrong = sum(1 for row in report["engines"] if not row["outputs_match"])
+    leaked = sum(sum(row["inflight"].values()) for row in report["engines"])
+    results = [
+        {"metric": f"{tier.lower()}_hit_ratio", "value": report["hit_ratio"][tier],
+         "unit": "fraction", "baseline": "vLLM alone", "baseline_value": 0.0, "ratio": None}
+        for tier in ("G2", "G4")
+    ] + [
+        {"metric": "engines_with_wrong_outputs", "value": wrong, "unit": "engines",
+         "baseline": "target", "baseline_value": 0, "ratio": None},
+        {"metric": "blocks_in_flight_at_end", "value": leaked, "unit": "blocks",
+         "baseline": "target", "baseline_value": 0, "ratio": None},
+        {"metric": "soak_wall", "value": round(report["wall_s"], 1), "unit": "s",
+         "baseline": None, "baseline_value": None, "ratio": None},
+    ]
+    print(json.dumps({"bench": "soak", "results": results}))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

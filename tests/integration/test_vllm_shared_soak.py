@@ -1,0 +1,49 @@
+"""Soak: three real vLLM + kvtier engines at once sharing one 3-master Redis Cluster, under a
+load derived from the Mooncake conversation trace (``benchmarks/soak.py``, which this test runs
+at its ``--quick`` size and which documents the set-up).
+
+Every engine resets its device prefix cache (and kvtier's host tier) before each prompt, and
+each request that continues an earlier one runs on another engine than that one, so reuse
+comes through G4. One engine gets one corrupted value on a G4 read: it must be caught,
+recomputed, and the outputs still match. At the end: every engine's outputs match vLLM alone,
+nothing is left in flight, G4 served blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from servers import RedisClusterServers
+
+from need import need, need_file, need_servers
+
+pytestmark = pytest.mark.slow
+
+SOAK_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+NUM_PAIRS = 12  # continuations, each with its source: at most 24 requests
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("kvtier_bench_soak", SOAK_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_three_engines_share_a_redis_cluster(tiny_model, tmp_path, monkeypatch):
+    soak = load_soak()
+    need_servers("redis")
+    need(None if shutil.which("redis-cli") else "redis-cli not installed (Debian redis-tools)")
+    need_file(soak.TRACE)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process per engine
+    with RedisClusterServers(tmp_path / "redis-cluster") as cluster:
+        report = soak.run_soak(tiny_model, cluster.url, NUM_PAIRS, tmp_path)
+    assert report["ok"], "\n".join(report["problems"])
+    assert sum(row["requests"] for row in report["engines"]) == report["requests"]
+    assert report["requests"] > NUM_PAIRS
+    assert report["hit_ratio"]["G4"] > 0
+    corrupted = report["engines"][soak.CORRUPTED_ENGINE]
+    assert corrupted["faults_fired"] == 1 and corrupted["checksum_failures"] >= 1
