@@ -269,3 +269,61 @@ def test_tinylfu_admission_forgets_old_offers():
     for key in range(200):  # several halvings
         admission.admit(key + 10_000)
     assert admission.admit(b"once") is False
+
+
+def eviction_order(name: str, priority: int, trace: Trace, capacity: int) -> list:
+    """Keys in the order a pool of ``capacity`` evicts them while serving ``trace``, every
+    block registered with ``priority``."""
+    pool = BlockPool(Tier.G2, capacity, eviction=name)
+    order = []
+    for request in trace.requests:
+        chain = list(request.hash_ids)
+        held = pool.match(chain)
+        before = {pool.key_of(b) for b in range(capacity)} - {None}
+        fresh = pool.allocate(len(chain) - len(held))
+        order += sorted(before - ({pool.key_of(b) for b in range(capacity)} - {None}))
+        pool.complete(fresh)
+        held += pool.register(fresh, chain[len(held):], priority=priority)
+        pool.release(held[::-1])
+    return order
+
+
+@pytest.mark.parametrize("name", ["lru_freq", "s3fifo", "arc", "tinylfu"])
+def test_policy_orders_the_connectors_uniform_priority_blocks_itself(name):
+    # The connector's tiers register every block of a default-priority request at priority
+    # 100: the policy's own order must apply to them as it does at 0, not fall back to LRU.
+    trace = hot_and_scan_trace(rounds=20)
+    at_zero = eviction_order(name, 0, trace, 10)
+    assert at_zero != eviction_order("lru", 0, trace, 10)  # the control: it differs from LRU
+    assert eviction_order(name, 100, trace, 10) == at_zero
+
+
+@pytest.mark.parametrize("name", NEW_POLICIES)
+def test_blocks_above_the_main_priority_go_last(name):
+    pool = BlockPool(Tier.G2, 6, eviction=name)
+    ids = pool.allocate(6)
+    pool.complete(ids)
+    pool.register(ids[:3], [b"d1", b"d2", b"d3"], priority=100)
+    pool.register(ids[3:], [b"k1", b"k2", b"k3"], priority=100)
+    pool.release(ids)
+    more = pool.allocate(1)
+    pool.complete(more)
+    pool.release(pool.register(more, [b"low"], priority=20))   # below: the next to go
+    pool.allocate(1)
+    assert b"low" not in pool
+    assert sum(key in pool for key in (b"d1", b"d2", b"d3", b"k1", b"k2", b"k3")) == 5
+
+
+@pytest.mark.parametrize("name", ["s3fifo", "arc", "prefix_gdsf"])
+def test_host_tier_policy_works_through_the_connectors_leader(name):
+    # G1 holds one request; the host tier, run by the real Leader, holds 10 blocks: LRU there
+    # loses the hot prefix to the scans, a scan-resistant host policy keeps it.
+    trace = hot_and_scan_trace()
+
+    def g2_hits(policy: str) -> int:
+        result = replay(trace, [TierSpec(Tier.G1, 4), TierSpec(Tier.G2, 10, eviction=policy)],
+                        cost=CostModel(bytes_per_token=1))
+        return result.tiers[1].blocks_hit
+
+    assert g2_hits("lru") == 0
+    assert g2_hits(name) >= 4 * 30

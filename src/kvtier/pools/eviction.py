@@ -214,6 +214,10 @@ class LruEviction(EvictionPolicy):
         nxt[block_id] = sentinel
         prev[sentinel] = block_id
 
+    def lowest_priority(self) -> int | None:
+        """The priority of the next victim, None when nothing is held."""
+        return self._live_priorities[0] if self._live_priorities else None
+
     def victim(self) -> int | None:
         if not self._live_priorities:
             return None

@@ -18,11 +18,16 @@ A request released tail-first (as vLLM and the replay do) enters every list deep
 first, so among blocks of equal standing a chain's tail goes before its head (a prefix cache
 can only hit a block whose parent hits).
 
-Priorities: every policy here orders priority-0 blocks (the pool's default) with its own
-algorithm; blocks registered with a priority above 0 are kept out of it and evicted after all
-priority-0 blocks, lowest priority first, least recently used first (KVBM's order, via
-:class:`~kvtier.pools.eviction.LruEviction`). The prefix-aware policies order by priority
-first, then by their own rule, in one heap.
+Priorities: every list-based policy here orders the blocks of its *main* priority with its own
+algorithm: the priority of the first block it is given (the pool's default 0 in a bare pool;
+100 in the connector's host and disk tiers, where requests of vLLM's default scheduling
+priority are kept at the maximum retention priority). Blocks of other priorities are kept out
+of it, in :class:`~kvtier.pools.eviction.LruEviction` (KVBM's order: lowest priority first,
+least recently used first): those below the main priority are evicted before, those above
+after every main-priority block. (Until this rule, a policy ordered priority-0 blocks only, so
+in the connector's tiers every block went to the LRU side store and ``arc``, ``s3fifo``,
+``lru_freq`` and ``tinylfu`` behaved as LRU there.) The prefix-aware policies order by
+priority first, then by their own rule, in one heap.
 
 Prefix-aware policies (``prefix_*``) learn each block's parent through ``on_link`` and evict
 leaves of the prefix tree first. Replays of the Mooncake, Azure-derived and synthetic traces
@@ -135,10 +140,13 @@ class _ListPolicy(EvictionPolicy):
         # The list a block was in when a match took it out, so its hit can be placed.
         self._was_in = [_NONE] * num_blocks
         self._prioritized = LruEviction(num_blocks)
+        self._main_priority: int | None = None  # set by the first insert (see the module doc)
 
     # -- EvictionPolicy hooks -----------------------------------------------------------------
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
-        if priority:
+        if self._main_priority is None:
+            self._main_priority = priority
+        if priority != self._main_priority:
             self._keys[block_id] = None
             self._prioritized.on_insert(block_id, key, priority)
             return
@@ -164,11 +172,13 @@ class _ListPolicy(EvictionPolicy):
             self._prioritized.on_hit(block_id, key)  # no-op unless it holds the block
 
     def victim(self) -> int | None:
-        if self._lists.total():
+        side = self._prioritized
+        lowest = side.lowest_priority()
+        if self._lists.total() and (lowest is None or lowest > self._main_priority):
             block_id = self._victim()
             self._keys[block_id] = None
             return block_id
-        return self._prioritized.victim()
+        return side.victim()
 
     def __len__(self) -> int:
         return self._lists.total() + len(self._prioritized)
