@@ -284,3 +284,19 @@ def test_leader_tiers_link_parents_with_events_on_or_off(events):
     assert None not in slots
     # Each block's parent is the block before it in the request (the policy's own record).
     assert [pool.eviction._parent[s] for s in slots] == [-1, slots[0], slots[1]]
+
+
+def test_cli_replays_an_azure_csv(tmp_path, capsys):
+    import json
+
+    from kvtier.cli.replay import main as replay_main
+
+    csv = tmp_path / "a.csv"
+    write_csv(csv, [(0, i, 600 + 300 * i, 100) for i in range(8)])
+    assert replay_main(["--azure", str(csv), "--block-tokens", "256", "--capacities", "6",
+                        "--policies", "lru,prefix_gdsf", "--json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["policy"] for r in doc["results"]] == ["lru", "prefix_gdsf", "belady",
+                                                     "belady_blocks"]
+    assert doc["results"][2]["block_hit_ratio"] > 0   # the sessions share prefixes
+    assert replay_main(["--azure", str(csv), "--synthetic", "--capacities", "6"]) == 2
