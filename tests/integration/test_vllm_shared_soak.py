@@ -46,4 +46,4 @@ def test_three_engines_share_a_redis_cluster(tiny_model, tmp_path, monkeypatch):
     assert report["requests"] > NUM_PAIRS
     assert report["hit_ratio"]["G4"] > 0
     corrupted = report["engines"][soak.CORRUPTED_ENGINE]
-    assert corrupted["faults_fired"] == 1 and corrupted["checksum_failures"] >= 1
+    assert corrupted["faults_fired"] == 1 and corrupted["checksum_failures"] == 1
