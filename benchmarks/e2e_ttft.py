@@ -379,6 +379,7 @@ def run_timed_job(job: dict, log_path: str, timeout_s: float = 1800) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
         spec = f.name
+    load_before = os.getloadavg()[0]
     try:
         with open(log_path, "a") as log:
             proc = subprocess.run([sys.executable, __file__, "--child", spec],
@@ -391,7 +392,11 @@ def run_timed_job(job: dict, log_path: str, timeout_s: float = 1800) -> dict:
         log.writelines(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith('{"'))
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM job failed (exit {proc.returncode}); see {log_path}")
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    # The machine's 1-minute load average around the engine's run: on a shared machine other
+    # jobs slow every compute step (the forward pass of a hit most of all), engine by engine.
+    result["loadavg"] = (load_before, os.getloadavg()[0])
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,7 +482,12 @@ def ttft_jobs(model: str, workdir: Path, tokens: int, repeats: int) -> dict:
     g2_calls = [split_costs(c) for c in host_run["hook_calls"][1:1 + repeats]]
     g3_calls = [split_costs(c) for c in disk_run["hook_calls"][1:]]
     plain_calls = [split_costs(c) for c in recompute["hook_calls"][1:1 + repeats]]
+    engine_of = {"recompute": recompute, "device_hit": recompute,
+                 "device_hit_new_tail": recompute, "example_connector": example,
+                 "example_connector_warm": example, "kvtier_g2": host_run,
+                 "kvtier_g3": disk_run, "kvtier_g3_buffered": buffered_run}
     return {**{name: statistics.median(ttft) for name, (ttft, _) in paths.items()},
+            "loadavg": {name: run["loadavg"] for name, run in engine_of.items()},
             "samples": {name: ttft for name, (ttft, _) in paths.items()},
             "loads": {name: loads for name, (_, loads) in paths.items()},
             "dd_direct_s": dd_s,
@@ -567,9 +577,10 @@ def _run(args, workdir: Path, tokens: int, repeats: int) -> int:
     overhead, plain = sched_overhead_us(str(tiny), 32, 20 if args.quick else 100)
     print(f"device KV cache: {t['device_kv_tokens']} tokens (prompt {tokens})")
     print(f"{'path':<24}{'TTFT':>7}{'min':>7}{'before':>7}{'load':>7}{'after':>7}{'step':>7}"
-          f"{'steps':>7}{'cached':>8}   TTFT samples")
+          f"{'steps':>7}{'cached':>8}{'load avg':>10}   TTFT samples")
     print("(ms, medians; before / load / after: TTFT before the connector's load, the load, "
-          "after it; step: the longest engine step; cached: page-cache share of its files)")
+          "after it; step: the longest engine step; cached: page-cache share of its files; "
+          "load avg: the machine's, before and after that engine's run)")
     for name in PATHS:
         samples, loads = t["samples"][name], t["loads"][name]
         cached = [ld["page_cache_bytes"] / ld["file_bytes"] for ld in loads
@@ -579,7 +590,8 @@ def _run(args, workdir: Path, tokens: int, repeats: int) -> int:
                        for k in ("before_load_s", "load_s", "after_load_s", "longest_step_s"))
         steps = f"{_median_load(loads, 'steps'):>7.0f}" if loads else f"{'-':>7}"
         print(f"{name:<24}{t[name] * 1e3:>7.0f}{min(samples) * 1e3:>7.0f}{cols}{steps}"
-              f"{(f'{statistics.median(cached):.0%}' if cached else '-'):>8}   "
+              f"{(f'{statistics.median(cached):.0%}' if cached else '-'):>8}"
+              f"{'{:.1f}-{:.1f}'.format(*t['loadavg'][name]):>10}   "
               + " ".join(f"{x * 1e3:.0f}" for x in samples))
     print("(device_hit: vLLM's own prefix cache, no reset: the floor of any connector's hit; "
           "device_hit_new_tail: a new block after the cached prefix; example_connector: its "
