@@ -6,27 +6,28 @@ drawn from an RNG seeded by the hash id, so requests that share a prefix in the 
 here. The trace's first hundred or so requests share only their first hash block, so the soak
 takes its first requests that continue an earlier one (share more than that block with it), and
 those earlier ones ("sources"). Sources go round-robin over the three engines, each continuation
-to the engine after its source's; every engine runs its sources, then (after a short pause) its
-continuations. The three engines run at the same time, each in its own process with its own host
-tier and no disk tier, and reset vLLM's device prefix cache (and with it kvtier's host tier)
-before every prompt, so what an engine reuses comes through G4, a 3-master Redis Cluster on
-loopback started here. The exception shows as G2 hits: a block of the previous prompt whose copy
-to the host tier is reported after the reset is registered there all the same
-(``HostManager.complete_store``). Which source is in the store when its continuation arrives
-depends on how the engines interleave; a continuation that misses recomputes, and the outputs
-must match either way. One engine has a value corrupted on one of its G4 reads (the
-``remote.get:corrupt`` fault hook): verification must catch it (one checksum failure counted)
-and the block be recomputed. That the oracle sees wrong KV at all is the negative control of
-``test_vllm_e2e.py``; here a block zeroed after verification (``onboard.bypass:zero``) on one
-engine was seen too, and so were the blocks that engine computed on top of it and put to the
-store, in another engine's output: a control whose reach depends on the interleaving, so it is
-not part of the run.
+to another engine than its source's (but see the damaged engine below); every engine runs its
+sources, then (after a short pause) its continuations. The three engines run at the same time,
+each in its own process with its own host tier and no disk tier, and reset vLLM's device prefix
+cache (and with it kvtier's host tier) before every prompt, so what an engine reuses comes
+through G4, a 3-master Redis Cluster on loopback started here. The exception shows as G2 hits: a
+block of the previous prompt whose copy to the host tier is reported after the reset is
+registered there all the same (``HostManager.complete_store``). Which source is in the store
+when its continuation arrives depends on how the engines interleave; a continuation that misses
+recomputes, and the outputs must match either way. Two negative controls
+(``kvtier.storage.faults``): one engine has a value corrupted on one of its G4 reads
+(``remote.get:corrupt``), which verification must catch (one checksum failure counted) and the
+block be recomputed, outputs still right; another has one loaded block zeroed on the device
+after verification (``onboard.bypass:zero``), which only the oracle can see, so its outputs must
+differ. The blocks it computes on top of that one are wrong too and it puts them to the store,
+so it keeps to a namespace of its own (another model id) and runs its sources' continuations
+itself: no other engine ever reads its damage (tried without: another engine's output differed).
 
-Checked at the end: every engine's outputs match vLLM alone (``kvtier.cli.oracle``: float32,
-same greedy tokens, logprobs within tolerance; the baseline is one engine with its own prefix
-cache over all the requests), no transfer is left in flight (kvtier's
-``kvtier_inflight_transfers`` gauges, read after a short drain phase), no load errors or
-checksum failures other than the injected corruption. Reported: hit ratios per tier (tokens
+Checked at the end: the outputs of every engine but the damaged one match vLLM alone
+(``kvtier.cli.oracle``: float32, same greedy tokens, logprobs within tolerance; the baseline is
+one engine with its own prefix cache over all the requests), no transfer is left in flight
+(kvtier's ``kvtier_inflight_transfers`` gauges, read after a short drain phase), no load errors
+or checksum failures other than the injected corruption. Reported: hit ratios per tier (tokens
 onboarded from each tier over prompt tokens looked up) per engine and overall.
 
 The claims are absolute, so their baseline is the target itself (wrong outputs 0, blocks in
@@ -66,6 +67,12 @@ CORRUPTED_ENGINE = 1
 # Skip two G4 reads of that engine, corrupt one value of the third: by then it has blocks of
 # its own and of the others to read.
 CORRUPT_FAULT = "remote.get:corrupt:after=2:times=1"
+# The other negative control: on this engine, skip two loads and zero one block of the third on
+# the device after verification, which only the oracle can see. The blocks computed on top of it
+# are wrong too and go to the store, so this engine keeps to a namespace of its own (another
+# model id): it reuses only what it put itself, and no other engine can read its damage.
+DAMAGED_ENGINE = 2
+DAMAGE_FAULT = "onboard.bypass:zero:after=2:times=1"
 # Before reading the gauges: every store call has answered or timed out (remote_timeout_ms,
 # 2 s by default) by the end of the pause, and the drain prompt's steps collect the reports.
 DRAIN_PAUSE_S = 3.0
@@ -122,17 +129,24 @@ def prompt_of(req) -> tuple[str, int]:
 
 def soak_plan(num_pairs: int) -> tuple[list[tuple[str, int]], list[list[int]], int]:
     """The requests, sources first then continuations, each group in trace order, as
-    (prompt, max_tokens); and for each engine the indices of its requests, its sources before
-    its continuations; and the number of sources. Sources go round-robin; a continuation goes to the engine after its
-    source's, so its shared prefix can only come from another engine, through G4."""
+    (prompt, max_tokens); for each engine the indices of its requests, its sources before its
+    continuations; and the number of sources.
+
+    Sources go round-robin. A continuation goes to the next engine that shares the namespace of
+    its source's, so that its shared prefix can only come from another engine, through G4; the
+    damaged engine shares with none, so its continuations stay with it."""
     sources, continuations, source_index = trace_requests(num_pairs)
     requests = [prompt_of(r) for r in sources] + [prompt_of(r) for r in continuations]
     engine_of = [i % NUM_ENGINES for i in range(len(sources))]
     share: list[list[int]] = [[] for _ in range(NUM_ENGINES)]
     for i, engine in enumerate(engine_of):
         share[engine].append(i)
+    sharing = [k for k in range(NUM_ENGINES) if k != DAMAGED_ENGINE]
     for j, src in enumerate(source_index):
-        share[(engine_of[src] + 1) % NUM_ENGINES].append(len(sources) + j)
+        engine = engine_of[src]
+        if engine != DAMAGED_ENGINE:  # the next engine that shares the namespace
+            engine = sharing[(sharing.index(engine) + 1) % len(sharing)]
+        share[engine].append(len(sources) + j)
     return requests, share, len(sources)
 
 
@@ -158,10 +172,10 @@ def engine_job(model: str, requests: list[tuple[str, int]], connector: dict | No
             "connector": connector, "phases": phases}
 
 
-def kvtier_connector(store_url: str) -> dict:
+def kvtier_connector(store_url: str, model_id: str) -> dict:
     return {**CONNECTOR, "extra": {"metrics_port": free_port(), "onboard_mode": "always",
                                    "host_cache_gb": 0.2, "remote_url": store_url,
-                                   "model_id": "tiny/soak"}}
+                                   "model_id": model_id}}
 
 
 def joined_outputs(result: dict, num_work_phases: int) -> dict:
@@ -196,13 +210,13 @@ def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
     work_phases = {}
     for k, indices in enumerate(share):
         num_sources = sum(1 for i in indices if i < num_sources_total)
-        j = engine_job(model, [requests[i] for i in indices], kvtier_connector(store_url),
-                       reset=True, pause_at=num_sources)
+        model_id = "tiny/soak-damaged" if k == DAMAGED_ENGINE else "tiny/soak"
+        j = engine_job(model, [requests[i] for i in indices],
+                       kvtier_connector(store_url, model_id), reset=True, pause_at=num_sources)
         work_phases[f"engine{k}"] = len(j["phases"])
         j["phases"].append({"prompts": ["w3 w4 w5"], "max_tokens": DRAIN_TOKENS,
                             "reset_device_cache": False, "pause_s": DRAIN_PAUSE_S})
-        if k == CORRUPTED_ENGINE:
-            j["faults"] = CORRUPT_FAULT
+        j["faults"] = {CORRUPTED_ENGINE: CORRUPT_FAULT, DAMAGED_ENGINE: DAMAGE_FAULT}.get(k)
         jobs[f"engine{k}"] = j
 
     started = time.perf_counter()
@@ -235,20 +249,25 @@ def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
         row["hit_ratio"] = {t: round(v / requested, 4) if requested else 0.0
                             for t, v in row["matched_tokens"].items()}
         engines.append(row)
-        if not verdict.ok:
+        if k == DAMAGED_ENGINE and verdict.ok:
+            problems.append(f"{name}: a block zeroed after verification went unseen: "
+                            f"{verdict}")
+        elif k != DAMAGED_ENGINE and not verdict.ok:
             problems.append(f"{name}: outputs differ from vLLM alone: {verdict}")
         if any(row["inflight"].values()) or not row["inflight"]:
             problems.append(f"{name}: transfers left in flight: {row['inflight']}")
-        injected = row["faults_fired"]
-        if k == CORRUPTED_ENGINE and injected != 1:
-            problems.append(f"{name}: the corruption fault fired {injected} times, expected 1")
-        if row["checksum_failures"] != injected:
-            problems.append(f"{name}: {injected} corrupted values, "
+        if jobs[name]["faults"] and row["faults_fired"] != 1:
+            problems.append(f"{name}: {jobs[name]['faults']} fired {row['faults_fired']} "
+                            "times, expected once")
+        # Verification sees only the corrupted value (the zeroed block comes after it).
+        corrupted = row["faults_fired"] if k == CORRUPTED_ENGINE else 0
+        if row["checksum_failures"] != corrupted:
+            problems.append(f"{name}: {corrupted} corrupted values, "
                             f"{row['checksum_failures']:.0f} checksum failures counted")
         # A corrupted value is the only load error allowed (it fails one block of one load).
-        if row["load_errors"] > injected:
+        if row["load_errors"] > corrupted:
             problems.append(f"{name}: {row['load_errors']:.0f} load errors, "
-                            f"{injected} injected")
+                            f"{corrupted} values corrupted")
         if row["put_blocks"] == 0:
             problems.append(f"{name}: put nothing to the shared store")
 
@@ -270,7 +289,8 @@ def main() -> int:
                         help="continuations taken from the trace (each with its source)")
     args = parser.parse_args()
     num_pairs = args.pairs or (12 if args.quick else 45)
-    redis_cli = None if shutil.which("redis-cli") else "redis-cli not installed (Debian redis-tools)"
+    redis_cli = (None if shutil.which("redis-cli")
+                 else "redis-cli not installed (Debian redis-tools)")
     if not require_or_note([missing_servers("redis"), redis_cli, missing_file(TRACE)],
                            "soak.py"):
         return 0
@@ -292,7 +312,9 @@ def main() -> int:
           f"hit ratio {report['hit_ratio']}")
     for problem in report["problems"]:
         print(f"FAILED: {problem}", file=sys.stderr)
-    wrong = sum(1 for row in report["engines"] if not row["outputs_match"])
+    wrong = sum(1 for k, row in enumerate(report["engines"])
+                if k != DAMAGED_ENGINE and not row["outputs_match"])
+    damage_seen = 0 if report["engines"][DAMAGED_ENGINE]["outputs_match"] else 1
     leaked = sum(sum(row["inflight"].values()) for row in report["engines"])
     results = [
         {"metric": f"{tier.lower()}_hit_ratio", "value": report["hit_ratio"][tier],
@@ -301,6 +323,8 @@ def main() -> int:
     ] + [
         {"metric": "engines_with_wrong_outputs", "value": wrong, "unit": "engines",
          "baseline": "target", "baseline_value": 0, "ratio": None},
+        {"metric": "zeroed_block_seen_by_oracle", "value": damage_seen, "unit": "engines",
+         "baseline": "target", "baseline_value": 1, "ratio": None},
         {"metric": "blocks_in_flight_at_end", "value": leaked, "unit": "blocks",
          "baseline": "target", "baseline_value": 0, "ratio": None},
         {"metric": "soak_wall", "value": round(report["wall_s"], 1), "unit": "s",

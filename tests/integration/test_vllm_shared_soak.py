@@ -4,9 +4,11 @@ at its ``--quick`` size and which documents the set-up).
 
 Every engine resets its device prefix cache (and kvtier's host tier) before each prompt, and
 each request that continues an earlier one runs on another engine than that one, so reuse
-comes through G4. One engine gets one corrupted value on a G4 read: it must be caught,
-recomputed, and the outputs still match. At the end: every engine's outputs match vLLM alone,
-nothing is left in flight, G4 served blocks.
+comes through G4. Negative controls: one engine gets one corrupted value on a G4 read (it must
+be caught and recomputed, the outputs still match); another, in a namespace of its own, gets one
+loaded block zeroed on the device after verification (the oracle must see its outputs differ).
+At the end: the other engines' outputs match vLLM alone, nothing is left in flight, G4 served
+blocks.
 """
 
 from __future__ import annotations
@@ -47,3 +49,6 @@ def test_three_engines_share_a_redis_cluster(tiny_model, tmp_path, monkeypatch):
     assert report["hit_ratio"]["G4"] > 0
     corrupted = report["engines"][soak.CORRUPTED_ENGINE]
     assert corrupted["faults_fired"] == 1 and corrupted["checksum_failures"] == 1
+    assert corrupted["outputs_match"]
+    damaged = report["engines"][soak.DAMAGED_ENGINE]
+    assert damaged["faults_fired"] == 1 and not damaged["outputs_match"]
