@@ -144,9 +144,13 @@ build() {
               -t "$IMAGE")
   [ "$COLD" = 1 ] && args+=(--no-cache)
   [ -n "${TORCH_INDEX_URL:-}" ] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+  local previous; previous=$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
   say "docker build $IMAGE (inputs $inputs)"
   DOCKER_BUILDKIT=0 "$DOCKER" build "${args[@]}" "$STATE/context" >&2
-  "$DOCKER" image prune -f >/dev/null  # the dangling image this tag replaced, if any
+  # The image this tag replaced; never a prune: the build stage's untagged layers are the cache.
+  if [ -n "$previous" ] && [ "$previous" != "$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+    "$DOCKER" rmi "$previous" >/dev/null 2>&1 || true
+  fi
   say "built $IMAGE in $(since "$started") s ($("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" \
     | awk '{ printf "%.2f GB", $1 / 1e9 }'))"
 }
@@ -171,9 +175,17 @@ print(urllib.request.urlopen(req, timeout=120).read().decode())"
 HEALTHY="import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"
 METRICS="import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics', timeout=5).read().decode())"
 
+# The container's log tail, and its exceptions first (a start-up error is far above the tail).
+show_log() {
+  say "exceptions in the container's log:"
+  "$DOCKER" logs "$CONTAINER" 2>&1 | grep -E '(Error|Exception)(: |$)' | sort -u | tail -20 >&2 || true
+  say "the log's last lines:"
+  "$DOCKER" logs --tail 40 "$CONTAINER" >&2 2>&1 || true
+}
+
 check() {
   "$DOCKER" image inspect "$IMAGE" >/dev/null 2>&1 || die "no image $IMAGE: run make image first"
-  local started ready_s response tokens text line stopped_s exit_code
+  local started ready_s response tokens text metrics line stopped_s exit_code
   started=$(now)
   CONTAINER=$("$DOCKER" run -d --network none --shm-size 1g \
     -e HF_HUB_OFFLINE=1 -e VLLM_CPU_KVCACHE_SPACE=1 -e KV_TRANSFER="$KV_TRANSFER" \
@@ -182,23 +194,24 @@ check() {
   for _ in $(seq 300); do
     "$DOCKER" exec "$CONTAINER" python -c "$HEALTHY" >/dev/null 2>&1 && break
     [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER")" = true ] \
-      || { "$DOCKER" logs --tail 60 "$CONTAINER" >&2; die "the server exited before it was ready"; }
+      || { show_log; die "the server exited before it was ready"; }
     sleep 2
   done
   "$DOCKER" exec "$CONTAINER" python -c "$HEALTHY" \
-    || { "$DOCKER" logs --tail 40 "$CONTAINER" >&2; die "the server was not ready within 600 s"; }
+    || { show_log; die "the server was not ready within 600 s"; }
   ready_s=$(since "$started")
   response=$("$DOCKER" exec "$CONTAINER" python -c "$REQUEST")
   tokens=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["usage"]["completion_tokens"])' "$response")
   text=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["choices"][0]["text"])' "$response")
   [ "$tokens" = "$MAX_TOKENS" ] || die "completion has $tokens tokens, not $MAX_TOKENS: $response"
   [ -n "${text// /}" ] || die "empty completion: $response"
-  "$DOCKER" exec "$CONTAINER" python -c "$METRICS" | grep -q '^kvtier_' \
-    || die "no kvtier_ metrics on the container's port 9400"
+  # Read whole, then searched: grep -q closing the pipe early would fail the pipeline.
+  metrics=$("$DOCKER" exec "$CONTAINER" python -c "$METRICS")
+  grep -q '^kvtier_' <<<"$metrics" || die "no kvtier_ metrics on the container's port 9400"
   line=$("$DOCKER" logs "$CONTAINER" 2>&1 | grep -o 'kvtier: tiers .*' | head -1 || true)
   case $line in
     "kvtier: tiers G2 host "*", G3 disk "*" in /var/cache/kvtier;"*) ;;
-    *) "$DOCKER" logs --tail 40 "$CONTAINER" >&2; die "no kvtier start-up line with G2 and G3 in the log (got: '$line')" ;;
+    *) show_log; die "no kvtier start-up line with G2 and G3 in the log (got: '$line')" ;;
   esac
   local stop_started; stop_started=$(now)
   "$DOCKER" stop -t 30 "$CONTAINER" >/dev/null

@@ -40,9 +40,16 @@ def image_sh(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           text=True, timeout=3600, env={**os.environ, **(env or {})})
 
 
+@pytest.fixture(scope="module")
+def image():
+    """The image, built unless one from the same inputs exists."""
+    done = image_sh("--reuse", "build")
+    assert done.returncode == 0, done.stderr[-6000:]
+
+
 @gated
-def test_image_serves_a_completion_with_kvtier():
-    done = image_sh("--reuse", "build", "check")
+def test_image_serves_a_completion_with_kvtier(image):
+    done = image_sh("check")
     assert done.returncode == 0, done.stderr[-6000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["completion_tokens"] == 8
@@ -54,12 +61,12 @@ def test_image_serves_a_completion_with_kvtier():
 
 
 @gated
-def test_image_check_fails_when_kvtier_cannot_start():
+def test_image_check_fails_when_kvtier_cannot_start(image):
     # The disk tier without its directory: kvtier refuses at start-up, so the server never
-    # becomes ready and the check must say so (the image is the one the test above built).
+    # becomes ready and the check must say so, naming the setting.
     bad = {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.connectors.vllm",
            "kv_role": "kv_both", "kv_connector_extra_config": {"disk_cache_blocks": 512}}
-    done = image_sh("--reuse", "build", "check", env={"CHECK_KV_TRANSFER": json.dumps(bad)})
+    done = image_sh("check", env={"CHECK_KV_TRANSFER": json.dumps(bad)})
     assert done.returncode != 0
     assert "the server exited before it was ready" in done.stderr, done.stderr[-4000:]
     assert "disk_dir is required" in done.stderr, done.stderr[-4000:]
