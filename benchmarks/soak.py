@@ -6,35 +6,37 @@ drawn from an RNG seeded by the hash id, so requests that share a prefix in the 
 here. The trace's first hundred or so requests share only their first hash block, so the soak
 takes its first requests that continue an earlier one (share more than that block with it), and
 those earlier ones ("sources"). Sources go round-robin over the three engines, each continuation
-to another engine than its source's (but see the damaged engine below); every engine runs its
-sources, then (after a short pause) its continuations. The three engines run at the same time,
-each in its own process with its own host tier and no disk tier, and reset vLLM's device prefix
-cache (and with it kvtier's host tier) before every prompt, so what an engine reuses comes
-through G4, a 3-master Redis Cluster on loopback started here. The exception shows as G2 hits: a
-block of the previous prompt whose copy to the host tier is reported after the reset is
-registered there all the same (``HostManager.complete_store``). Which source is in the store
-when its continuation arrives depends on how the engines interleave; a continuation that misses
-recomputes, and the outputs must match either way. Two negative controls
-(``kvtier.storage.faults``): one engine has a value corrupted on one of its G4 reads
-(``remote.get:corrupt``), which verification must catch (one checksum failure counted) and the
-block be recomputed, outputs still right; another has one loaded block zeroed on the device
-after verification (``onboard.bypass:zero``), which only the oracle can see, so its outputs must
-differ. The blocks it computes on top of that one are wrong too and it puts them to the store,
-so it keeps to a namespace of its own (another model id) and runs its sources' continuations
-itself: no other engine ever reads its damage (tried without: another engine's output differed).
+to another engine than its source's (but see the damaged engine below).
+
+The three engines run at the same time, each in its own process with its own host tier and no
+disk tier, in two waves: their sources, then their continuations. Between the waves each engine
+drains kvtier (every put has landed) and waits for the others, so a continuation finds its
+source in the store whatever the interleaving. vLLM's device prefix cache is reset before every
+prompt (kvtier's host tier keeps its blocks): an engine reuses its own blocks from G2 and the
+others' from G4, a 3-master Redis Cluster on loopback started here.
+
+Two negative controls (``kvtier.storage.faults``): on one engine the first G4 read gets a value
+corrupted (``remote.get:corrupt``), which verification must catch (one checksum failure counted)
+and the block be recomputed, outputs still right; on another the first load gets one block
+zeroed on the device after verification (``onboard.bypass:zero``), which only the oracle can
+see, so that engine's outputs must differ. The blocks it computes on top of that one are wrong
+too and it puts them to the store, so it keeps to a namespace of its own (another model id) and
+runs its sources' continuations itself: no other engine ever reads its damage (tried without:
+another engine's output differed).
 
 Checked at the end: the outputs of every engine but the damaged one match vLLM alone
 (``kvtier.cli.oracle``: float32, same greedy tokens, logprobs within tolerance; the baseline is
-one engine with its own prefix cache over all the requests), no transfer is left in flight
-(kvtier's ``kvtier_inflight_transfers`` gauges, read after a short drain phase), no load errors
-or checksum failures other than the injected corruption. Reported: hit ratios per tier (tokens
-onboarded from each tier over prompt tokens looked up) per engine and overall.
+one engine with its own prefix cache over all the requests); after a last drain, nothing in
+flight (kvtier's ``kvtier_inflight_transfers`` gauges), no tier block pinned, the tier pools'
+invariants hold; no load errors or checksum failures other than the injected corruption.
+Reported: hit ratios per tier (tokens onboarded from each tier over prompt tokens looked up) per
+engine and overall.
 
 The claims are absolute, so their baseline is the target itself (wrong outputs 0, blocks in
 flight 0); the hit ratios are what the trace shares, reported against vLLM alone (0: it keeps no
 KV beyond its device cache, which is reset here). ``--quick``: 12 continuations and their
-sources (24 requests; a few minutes on 2 shared cores, vLLM's start included); default 45. Exits
-non-zero when a check fails.
+sources (24 requests; about a minute on 2 cores, 2-3 when they are shared, vLLM's start
+included); default 45. Exits non-zero when a check fails.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,24 +66,22 @@ BLOCK = 32
 WORDS_PER_HASH = 64          # the trace's 512-token hash blocks, scaled down 8x
 MAX_PROMPT_HASHES = 16       # prompts of at most 1024 tokens
 MAX_MODEL_LEN = 4096
+# Negative controls. On this engine the first G4 read gets one value corrupted (its
+# continuations read from the store, so it happens in every run).
 CORRUPTED_ENGINE = 1
-# Skip two G4 reads of that engine, corrupt one value of the third: by then it has blocks of
-# its own and of the others to read.
-CORRUPT_FAULT = "remote.get:corrupt:after=2:times=1"
-# The other negative control: on this engine, skip two loads and zero one block of the third on
-# the device after verification, which only the oracle can see. The blocks computed on top of it
-# are wrong too and go to the store, so this engine keeps to a namespace of its own (another
-# model id): it reuses only what it put itself, and no other engine can read its damage.
+CORRUPT_FAULT = "remote.get:corrupt:times=1"
+# On this one the first load gets one block zeroed on the device after verification, which only
+# the oracle can see. The blocks computed on top of it are wrong too and go to the store, so this
+# engine keeps to a namespace of its own (another model id): its continuations read what it put
+# itself, and no other engine can read its damage.
 DAMAGED_ENGINE = 2
-DAMAGE_FAULT = "onboard.bypass:zero:after=2:times=1"
-# Before reading the gauges: every store call has answered or timed out (remote_timeout_ms,
-# 2 s by default) by the end of the pause, and the drain prompt's steps collect the reports.
-DRAIN_PAUSE_S = 3.0
-# Before its continuations, so that an engine that started late has computed more of the
-# sources the others' continuations read (a head start, not a barrier: any interleaving is
-# correct, it only moves hits between G4 and recompute).
-CONTINUATION_PAUSE_S = 2.0
-DRAIN_TOKENS = 8
+DAMAGE_FAULT = "onboard.bypass:zero:times=1"
+# Draining: a tiny prompt (no full block) at a time until kvtier has nothing in flight.
+DRAIN_PROMPT = "w3 w4 w5"
+DRAIN_ROUNDS = 400
+DRAIN_ROUND_S = 0.05
+BARRIER_TIMEOUT_S = 600.0
+ENGINE_TIMEOUT_S = 1200.0
 TIERS = ("G2", "G3", "G4")
 CONNECTOR = {"name": "KvtierConnector", "module": "kvtier.connectors.vllm"}
 
@@ -155,32 +156,10 @@ def free_port() -> int:
     return pick()
 
 
-def engine_job(model: str, requests: list[tuple[str, int]], connector: dict | None,
-               reset: bool, pause_at: int | None = None) -> dict:
-    """A ``vllm_job`` over ``requests`` in order, pausing ``CONTINUATION_PAUSE_S`` before
-    request ``pause_at``."""
-    # Neighbours with the same max_tokens share a phase (one generate() call per prompt).
-    phases = []
-    for i, (prompt, tokens) in enumerate(requests):
-        if phases and phases[-1]["max_tokens"] == tokens and i != pause_at:
-            phases[-1]["prompts"].append(prompt)
-        else:
-            phases.append({"prompts": [prompt], "max_tokens": tokens,
-                           "reset_device_cache": reset,
-                           "pause_s": CONTINUATION_PAUSE_S if i == pause_at else 0})
-    return {"model": model, "block_size": BLOCK, "max_model_len": MAX_MODEL_LEN,
-            "connector": connector, "phases": phases}
-
-
 def kvtier_connector(store_url: str, model_id: str) -> dict:
     return {**CONNECTOR, "extra": {"metrics_port": free_port(), "onboard_mode": "always",
                                    "host_cache_gb": 0.2, "remote_url": store_url,
                                    "model_id": model_id}}
-
-
-def joined_outputs(result: dict, num_work_phases: int) -> dict:
-    from kvtier.cli.oracle import join
-    return join(result["phases"][:num_work_phases])
 
 
 def subset(phase: dict, indices: list[int]) -> dict:
@@ -198,41 +177,153 @@ def inflight(metrics: dict) -> dict[str, float]:
             if key.startswith(prefix)}
 
 
-def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
-    """Run the baseline and the three engines at once; return the report (``ok`` and its
-    ``problems``, per-engine figures, overall hit ratios). Needs the engine cores in their
-    jobs' processes only for memory: set ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` beforehand."""
-    from kvtier.cli.oracle import compare
-    from kvtier.cli.vllm_job import run_job_process
+# -- one engine (a process of its own: ``soak.py --engine SPEC``) ------------------------------
 
-    requests, share, num_sources_total = soak_plan(num_pairs)
-    jobs = {"baseline": engine_job(model, requests, None, reset=False)}
-    work_phases = {}
+def run_engine(spec: dict) -> dict:
+    """Run ``spec``'s waves of (prompt, max_tokens), each prompt after a reset of vLLM's prefix
+    cache (and kvtier's host tier) when kvtier is on. After each wave kvtier is drained (every
+    put has landed) and, with ``barrier_dir``, the engine waits until all ``num_engines`` have
+    finished that wave: the next wave's reads of the others' blocks never race their puts.
+    Returns the outputs, kvtier's metrics and the end-of-run checks."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core, and the leader, here
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    from kvtier.cli.vllm_job import _logprobs, scrape_metrics
+    from kvtier.storage import faults
+
+    if spec.get("faults"):
+        faults.arm_spec(spec["faults"])
+    connector = spec.get("connector")
+    kv_transfer = None if connector is None else KVTransferConfig(
+        kv_connector=connector["name"], kv_connector_module_path=connector["module"],
+        kv_role="kv_both", kv_connector_extra_config=connector["extra"])
+    # kvtier.cli.vllm_job's engine settings, which the other real-engine checks use.
+    llm = LLM(model=spec["model"], dtype="float32", block_size=BLOCK,
+              max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_MODEL_LEN,
+              enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False, seed=0,
+              kv_transfer_config=kv_transfer)
+    leader = None
+    if connector is not None:
+        leader = llm.llm_engine.engine_core.engine_core.scheduler.connector.leader
+    result: dict = {"outputs": [], "logprobs": [], "margins": []}
+    drained = True
+    for wave_no, wave in enumerate(spec["waves"]):
+        for prompt, max_tokens in wave:
+            if leader is not None and not llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache")
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                    logprobs=2)
+            completion = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+            chosen, lead = _logprobs(completion)
+            result["outputs"].append(list(completion.token_ids))
+            result["logprobs"].append(chosen)
+            result["margins"].append(lead)
+        if leader is not None:
+            drained = drain(llm, leader) and drained
+        if spec.get("barrier_dir"):
+            barrier(Path(spec["barrier_dir"]), spec["name"], wave_no, spec["num_engines"])
+    if leader is not None:
+        result["drained"] = drained
+        result["pinned"] = {pool.tier.name: pool.num_active
+                            for pool in (leader.g2, leader.g3) if pool is not None}
+        from kvtier.errors import BlockStateError
+        try:
+            leader.check_invariants()
+            result["invariant_error"] = None
+        except BlockStateError as exc:
+            result["invariant_error"] = str(exc)
+        result["metrics"] = scrape_metrics(connector["extra"]["metrics_port"])
+        result["faults_fired"] = faults.fired()
+    return result
+
+
+def drain(llm, leader) -> bool:
+    """Step the engine, a tiny prompt at a time, until kvtier has nothing in flight (reports
+    arrive with steps); then once more, so that the in-flight gauges, set as a step begins,
+    show it. False when transfers are still in flight after ``DRAIN_ROUNDS``."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for _ in range(DRAIN_ROUNDS):
+        llm.generate([DRAIN_PROMPT], params, use_tqdm=False)
+        if not leader.busy:
+            llm.generate([DRAIN_PROMPT], params, use_tqdm=False)
+            return True
+        time.sleep(DRAIN_ROUND_S)
+    return False
+
+
+def barrier(folder: Path, name: str, wave_no: int, num_engines: int) -> None:
+    (folder / f"{name}.wave{wave_no}").touch()
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while len(list(folder.glob(f"*.wave{wave_no}"))) < num_engines:
+        if (folder / "abort").exists():
+            raise RuntimeError("another engine failed")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the other engines did not finish wave {wave_no} within "
+                               f"{BARRIER_TIMEOUT_S:.0f} s")
+        time.sleep(0.1)
+
+
+def run_engine_process(spec: dict, workdir: Path) -> dict:
+    """``run_engine(spec)`` in a new Python process; its stderr goes to NAME.log."""
+    spec_path = workdir / f"{spec['name']}.json"
+    spec_path.write_text(json.dumps(spec))
+    log_path = workdir / f"{spec['name']}.log"
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine",
+                                   str(spec_path)], stdout=subprocess.PIPE, stderr=log,
+                                  text=True, timeout=ENGINE_TIMEOUT_S, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{spec['name']} failed (exit {proc.returncode}); see {log_path}")
+    except BaseException:
+        (workdir / "abort").touch()  # the others stop waiting for it
+        raise
+    return json.loads(lines[-1])
+
+
+# -- the soak ------------------------------------------------------------------------------------
+
+def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
+    """Run the baseline and the three engines at once, each in a process of its own (logs and
+    specs in ``workdir``); return the report (``ok`` and its ``problems``, per-engine figures,
+    overall hit ratios)."""
+    from kvtier.cli.oracle import compare
+
+    requests, share, num_sources = soak_plan(num_pairs)
+    barrier_dir = workdir / "barrier"
+    barrier_dir.mkdir(exist_ok=True)
+    # vLLM alone: one wave, no resets (its own prefix cache kept).
+    specs = {"baseline": {"name": "baseline", "model": model, "connector": None,
+                          "waves": [requests]}}
     for k, indices in enumerate(share):
-        num_sources = sum(1 for i in indices if i < num_sources_total)
         model_id = "tiny/soak-damaged" if k == DAMAGED_ENGINE else "tiny/soak"
-        j = engine_job(model, [requests[i] for i in indices],
-                       kvtier_connector(store_url, model_id), reset=True, pause_at=num_sources)
-        work_phases[f"engine{k}"] = len(j["phases"])
-        j["phases"].append({"prompts": ["w3 w4 w5"], "max_tokens": DRAIN_TOKENS,
-                            "reset_device_cache": False, "pause_s": DRAIN_PAUSE_S})
-        j["faults"] = {CORRUPTED_ENGINE: CORRUPT_FAULT, DAMAGED_ENGINE: DAMAGE_FAULT}.get(k)
-        jobs[f"engine{k}"] = j
+        specs[f"engine{k}"] = {
+            "name": f"engine{k}", "model": model,
+            "connector": kvtier_connector(store_url, model_id),
+            "faults": {CORRUPTED_ENGINE: CORRUPT_FAULT, DAMAGED_ENGINE: DAMAGE_FAULT}.get(k),
+            "waves": [[requests[i] for i in indices if i < num_sources],
+                      [requests[i] for i in indices if i >= num_sources]],
+            "barrier_dir": str(barrier_dir), "num_engines": NUM_ENGINES}
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {name: pool.submit(run_job_process, j, log_path=str(workdir / f"{name}.log"))
-                   for name, j in jobs.items()}
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(run_engine_process, spec, workdir)
+                   for name, spec in specs.items()}
         results = {name: future.result() for name, future in futures.items()}
     wall_s = time.perf_counter() - started
 
-    baseline = joined_outputs(results["baseline"], len(jobs["baseline"]["phases"]))
+    baseline = results["baseline"]
     problems: list[str] = []
     engines = []
     for k, indices in enumerate(share):
         name = f"engine{k}"
         result = results[name]
-        mine = joined_outputs(result, work_phases[name])
+        mine = result
         verdict = compare(subset(baseline, indices), mine)
         m = result["metrics"]
         requested = counter(m, "kvtier_requested_tokens")
@@ -244,7 +335,9 @@ def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
                "put_blocks": counter(m, "kvtier_transfer_blocks", direction="g2_to_g4"),
                "remote_events": {key.split('"')[1]: value for key, value in m.items()
                                  if key.startswith("kvtier_remote_events_total{")},
-               "inflight": inflight(m), "faults_fired": result.get("faults_fired", 0),
+               "inflight": inflight(m), "drained": result["drained"],
+               "pinned": result["pinned"], "invariant_error": result["invariant_error"],
+               "faults_fired": result.get("faults_fired", 0),
                "outputs_match": verdict.ok, "verdict": str(verdict)}
         row["hit_ratio"] = {t: round(v / requested, 4) if requested else 0.0
                             for t, v in row["matched_tokens"].items()}
@@ -254,10 +347,14 @@ def run_soak(model: str, store_url: str, num_pairs: int, workdir: Path) -> dict:
                             f"{verdict}")
         elif k != DAMAGED_ENGINE and not verdict.ok:
             problems.append(f"{name}: outputs differ from vLLM alone: {verdict}")
-        if any(row["inflight"].values()) or not row["inflight"]:
+        if any(row["inflight"].values()) or not row["inflight"] or not row["drained"]:
             problems.append(f"{name}: transfers left in flight: {row['inflight']}")
-        if jobs[name]["faults"] and row["faults_fired"] != 1:
-            problems.append(f"{name}: {jobs[name]['faults']} fired {row['faults_fired']} "
+        if any(row["pinned"].values()):
+            problems.append(f"{name}: tier blocks still pinned at the end: {row['pinned']}")
+        if row["invariant_error"]:
+            problems.append(f"{name}: tier pool invariants broken: {row['invariant_error']}")
+        if specs[name]["faults"] and row["faults_fired"] != 1:
+            problems.append(f"{name}: {specs[name]['faults']} fired {row['faults_fired']} "
                             "times, expected once")
         # Verification sees only the corrupted value (the zeroed block comes after it).
         corrupted = row["faults_fired"] if k == CORRUPTED_ENGINE else 0
@@ -287,14 +384,18 @@ def main() -> int:
                         help="12 continuations and their sources instead of 45")
     parser.add_argument("--pairs", type=int, default=0,
                         help="continuations taken from the trace (each with its source)")
+    parser.add_argument("--engine", metavar="SPEC", help=argparse.SUPPRESS)  # one engine
     args = parser.parse_args()
+    if args.engine:
+        result = run_engine(json.loads(Path(args.engine).read_text()))
+        print(json.dumps(result), flush=True)
+        return 0
     num_pairs = args.pairs or (12 if args.quick else 45)
     redis_cli = (None if shutil.which("redis-cli")
                  else "redis-cli not installed (Debian redis-tools)")
     if not require_or_note([missing_servers("redis"), redis_cli, missing_file(TRACE)],
                            "soak.py"):
         return 0
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process per engine, not two
     from servers import RedisClusterServers
 
     from kvtier.cli.tiny_model import make_tiny_llama

@@ -39,6 +39,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(num: int) -> list[int]:
+    """``num`` distinct TCP ports free on loopback right now: held open together while chosen,
+    so the kernel cannot hand out one twice (separate ``free_port()`` calls can)."""
+    socks = []
+    try:
+        for _ in range(num):
+            sock = socket.socket()
+            sock.bind((LOOPBACK, 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _tool(name: str) -> str | None:
     beside_python = Path(sys.executable).parent / name
     if beside_python.exists():
@@ -425,7 +440,7 @@ class SeaweedS3Server(_Server):
         self.stop_grace_s = stop_grace_s
         self.start_timeout_s = start_timeout_s
         (self.master_port, self.master_grpc_port, self.volume_port, self.volume_grpc_port,
-         self.filer_port, self.filer_grpc_port, self.port, self.grpc_port) = self._free_ports(8)
+         self.filer_port, self.filer_grpc_port, self.port, self.grpc_port) = free_ports(8)
         data_dir = self.workdir / "data"
         data_dir.mkdir(exist_ok=True)
         config_path = self.workdir / "s3.json"
@@ -448,20 +463,6 @@ class SeaweedS3Server(_Server):
         self._server = _Child("weed", argv, self.workdir)
         self._children = [self._server]
         self._bucket_made = False
-
-    @staticmethod
-    def _free_ports(num: int) -> list[int]:
-        """``num`` distinct free loopback ports (held open together while chosen)."""
-        socks = []
-        try:
-            for _ in range(num):
-                sock = socket.socket()
-                sock.bind((LOOPBACK, 0))
-                socks.append(sock)
-            return [sock.getsockname()[1] for sock in socks]
-        finally:
-            for sock in socks:
-                sock.close()
 
     @staticmethod
     def missing() -> list[str]:
@@ -549,13 +550,16 @@ class RedisClusterServers(_Server):
         self.password = password
         self.num_masters = masters
         self.replicas_per_master = replicas_per_master
-        self.ports = [free_port() for _ in range(masters * (1 + replicas_per_master))]
+        num_nodes = masters * (1 + replicas_per_master)
+        # Client and bus ports, all distinct (two nodes on one port never form a cluster).
+        chosen = free_ports(2 * num_nodes)
+        self.ports, bus_ports = chosen[:num_nodes], chosen[num_nodes:]
         self._nodes: dict[int, _Child] = {}
-        for port in self.ports:
+        for port, bus_port in zip(self.ports, bus_ports):
             # The bus port gets a free port of its own (the default, port + 10000, may not be).
             argv = [_tool("redis-server") or "redis-server", "--port", str(port),
                     "--bind", LOOPBACK, "--cluster-enabled", "yes",
-                    "--cluster-port", str(free_port()),
+                    "--cluster-port", str(bus_port),
                     "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--cluster-replica-validity-factor", "0",
