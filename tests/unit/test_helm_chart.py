@@ -349,7 +349,8 @@ def test_dashboard_in_chart_is_the_same(helm):
 
 def test_dockerfile_follows_the_makefile():
     """The image installs what `make` installs, in the same order: torch's CPU build, then
-    vLLM's CPU build, then kvtier (not built here: no registry for a base image)."""
+    vLLM's CPU build, then kvtier (built for real by ``make image``; tested with
+    RUN_IMAGE_TEST=1 in tests/integration/test_container_image.py)."""
     makefile = (ROOT / "Makefile").read_text()
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     for name in ("TORCH", "VLLM"):
