@@ -76,15 +76,17 @@ class MultiRankHarness(Harness):
     def busy(self) -> bool:
         return any(c.worker.busy for c in self.workers)
 
-    def run(self, max_steps: int = 2000) -> None:
-        for _ in range(max_steps):
-            if not self.scheduler.requests:
-                return
+    def run(self, timeout_s: float = 60.0) -> None:
+        """Step until every request finished. Bounded in wall time, not in steps: a request
+        may wait for a deadline the leader measures in wall time (a lagging rank's probe
+        answer), which a fast machine would not reach within a fixed number of steps."""
+        deadline = time.monotonic() + timeout_s
+        while self.scheduler.requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"requests still pending after {timeout_s:.0f} s: "
+                                     f"{list(self.scheduler.requests)}")
             self.step()
-            if self.busy:
-                time.sleep(0.001)
-        raise AssertionError(f"requests still pending after {max_steps} steps: "
-                             f"{list(self.scheduler.requests)}")
+            time.sleep(0.001)
 
     def drain(self) -> None:
         self.lagging.clear()
