@@ -42,6 +42,9 @@ class DiskManager:
         self.pool = BlockPool(Tier.G3, num_slots, eviction=eviction, events=events,
                               block_size=block_tokens)
         self.admission = make_admission_policy(admission, clock=clock)
+        # Hooks go to the policy itself (a replay wraps ``admission`` to count offers).
+        self._admission_hooks = self.admission
+        self._admission_hooks.bind(num_slots, lambda: self.pool.num_free)
         self.metrics = metrics
         self.world_size = world_size
         self._writing: set[BlockKey] = set()
@@ -81,7 +84,10 @@ class DiskManager:
     def pin(self, key: BlockKey) -> int | None:
         """Pin a block as a load's source (None: it was evicted meanwhile)."""
         slots = self.pool.match([key])
-        return slots[0] if slots else None
+        if not slots:
+            return None
+        self._admission_hooks.on_hit(key)
+        return slots[0]
 
     def unpin(self, slots: Sequence[int]) -> None:
         self.pool.release(slots)

@@ -17,6 +17,7 @@ from kvtier.registry import Registry
 from kvtier.tiers import BlockKey
 
 __all__ = [
+    "AdaptiveAdmission",
     "AdmissionPolicy",
     "AlwaysAdmit",
     "FrequencyFilter",
@@ -34,6 +35,13 @@ class AdmissionPolicy(abc.ABC):
     @abc.abstractmethod
     def admit(self, key: BlockKey) -> bool:
         """Offer ``key``: True if it should be written to the tier."""
+
+    def bind(self, capacity: int, num_free: Callable[[], int]) -> None:
+        """The tier's size in blocks and a reader of its free slots; policies that weigh
+        occupancy keep them (the tier calls this once, before any offer)."""
+
+    def on_hit(self, key: BlockKey) -> None:
+        """The tier served ``key`` (a load from it); policies that learn from hits count it."""
 
 
 # More built-in policies register when kvtier.offload.tinylfu is imported.
@@ -142,3 +150,89 @@ class FrequencyFilter(AdmissionPolicy):
     def _decay(self, rounds: int) -> None:
         self._counts = {key: count - rounds for key, count in self._counts.items()
                         if count > rounds}
+
+
+@register_admission_policy
+class AdaptiveAdmission(AdmissionPolicy):
+    """Admit first sightings while doing so pays, filter them (like ``frequency``) when not.
+
+    A re-offered key (offered before, within memory) is always admitted. A first sighting is
+    admitted when the tier has a free slot (filling one costs nothing), when its key falls in
+    the exploration sample (one key in ``explore_every``, by hash: it keeps measuring what first
+    sightings are worth while the filter is on), or when first sightings have lately earned at
+    least ``min_ratio`` times the hits per admitted block that re-offered keys earned. Hits are
+    the tier's loads of an admitted block (``on_hit``), counted while the block is among the
+    last ``2 x capacity`` admissions; counts halve every ``window`` admissions. Per offer or hit:
+    O(1); memory: ``seen_factor x capacity`` offered keys and ``2 x capacity`` admitted ones.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, min_ratio: float = 0.7, explore_every: int = 64, window: int = 4096,
+                 seen_factor: int = 1000, max_entries: int = 1_000_000) -> None:
+        if min_ratio < 0:
+            raise ConfigError(f"adaptive admission: min_ratio={min_ratio} must be >= 0")
+        if explore_every < 1 or window < 1 or seen_factor < 1 or max_entries < 1:
+            raise ConfigError("adaptive admission: explore_every, window, seen_factor and "
+                              "max_entries must be >= 1")
+        from kvtier.offload.tinylfu import key64  # tinylfu imports this module
+        self._key64 = key64
+        self.min_ratio = min_ratio
+        self.explore_every = explore_every
+        self.window = window
+        self.seen_factor = seen_factor
+        self._num_free: Callable[[], int] = lambda: 0
+        self._max_seen = max_entries
+        self._max_tagged = max_entries
+        self._seen: dict[BlockKey, None] = {}          # offered keys, oldest first
+        self._tagged: dict[BlockKey, int] = {}         # admitted key -> 0 first sight, 1 re-offer
+        self._admits = [0.0, 0.0]
+        self._hits = [0.0, 0.0]
+        self._since_halving = 0
+
+    def bind(self, capacity: int, num_free: Callable[[], int]) -> None:
+        """The tier's size and a reader of its free slots (a tier calls this once)."""
+        self._num_free = num_free
+        self._max_seen = min(self._max_seen, max(1024, self.seen_factor * capacity))
+        self._max_tagged = min(self._max_tagged, max(1024, 2 * capacity))
+
+    def first_sightings_pay(self) -> bool:
+        """Whether first sightings lately earned ``min_ratio`` of re-offers' hits per block."""
+        admits, hits = self._admits, self._hits
+        # One pseudo-hit in two pseudo-admissions: an unmeasured class counts as paying.
+        first = (hits[0] + 1) / (admits[0] + 2)
+        repeat = (hits[1] + 1) / (admits[1] + 2)
+        return first >= self.min_ratio * repeat
+
+    def admit(self, key: BlockKey) -> bool:
+        seen = self._seen
+        if key in seen:
+            cls = 1
+        else:
+            seen[key] = None
+            if len(seen) > self._max_seen:
+                del seen[next(iter(seen))]
+            cls = 0
+            if not (self._num_free() > 0 or self._key64(key) % self.explore_every == 0
+                    or self.first_sightings_pay()):
+                return False
+        self._tag(key, cls)
+        return True
+
+    def on_hit(self, key: BlockKey) -> None:
+        cls = self._tagged.get(key)
+        if cls is not None:
+            self._hits[cls] += 1
+
+    def _tag(self, key: BlockKey, cls: int) -> None:
+        tagged = self._tagged
+        tagged.pop(key, None)
+        tagged[key] = cls
+        if len(tagged) > self._max_tagged:
+            del tagged[next(iter(tagged))]
+        self._admits[cls] += 1
+        self._since_halving += 1
+        if self._since_halving >= self.window:
+            self._since_halving = 0
+            self._admits = [n / 2 for n in self._admits]
+            self._hits = [n / 2 for n in self._hits]
