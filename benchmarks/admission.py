@@ -30,8 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from kvtier.replay import CostModel, MultiRoundQASpec, TierSpec, generate_multi_round_qa, \
-    load_trace, replay
+from kvtier.replay import (
+    CostModel,
+    MultiRoundQASpec,
+    TierSpec,
+    generate_multi_round_qa,
+    load_trace,
+    replay,
+)
 from kvtier.replay.azure import AzurePrefixSpec, load_azure_trace
 from kvtier.tiers import Tier
 from need import data_dir  # ../shared/data beside the repository, or $TEST_DATA_DIR
@@ -62,7 +68,8 @@ def runs(quick: bool):
     for name, trace in held_out:
         unique = trace.num_unique_blocks
         longest = max(len(r.hash_ids) for r in trace.requests)
-        size = lambda fraction: max(longest, round(unique * fraction))  # noqa: E731
+        def size(fraction: float, longest=longest, unique=unique) -> int:
+            return max(longest, round(unique * fraction))
         g2s = (size(0.03),) if quick else (0, size(0.03))
         fractions = (0.03, 0.1) if quick else FRACTIONS
         yield name, False, trace, size(0.01), [(g2, size(f)) for g2 in g2s for f in fractions]

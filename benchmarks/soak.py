@@ -187,23 +187,17 @@ def run_engine(spec: dict) -> dict:
     Returns the outputs, kvtier's metrics and the end-of-run checks."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core, and the leader, here
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
 
-    from kvtier.cli.vllm_job import _logprobs, scrape_metrics
+    from kvtier.cli.vllm_job import logprobs_of, make_llm, scrape_metrics
     from kvtier.storage import faults
 
     if spec.get("faults"):
         faults.arm_spec(spec["faults"])
     connector = spec.get("connector")
-    kv_transfer = None if connector is None else KVTransferConfig(
-        kv_connector=connector["name"], kv_connector_module_path=connector["module"],
-        kv_role="kv_both", kv_connector_extra_config=connector["extra"])
-    # kvtier.cli.vllm_job's engine settings, which the other real-engine checks use.
-    llm = LLM(model=spec["model"], dtype="float32", block_size=BLOCK,
-              max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_MODEL_LEN,
-              enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False, seed=0,
-              kv_transfer_config=kv_transfer)
+    # The engine the other real-engine checks run (kvtier.cli.vllm_job).
+    llm = make_llm({"model": spec["model"], "block_size": BLOCK, "max_model_len": MAX_MODEL_LEN,
+                    "connector": connector})
     leader = None
     if connector is not None:
         leader = llm.llm_engine.engine_core.engine_core.scheduler.connector.leader
@@ -216,7 +210,7 @@ def run_engine(spec: dict) -> dict:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                     logprobs=2)
             completion = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-            chosen, lead = _logprobs(completion)
+            chosen, lead = logprobs_of(completion)
             result["outputs"].append(list(completion.token_ids))
             result["logprobs"].append(chosen)
             result["margins"].append(lead)

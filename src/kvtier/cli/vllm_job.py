@@ -40,6 +40,30 @@ import time
 import urllib.request
 
 
+def make_llm(job: dict):
+    """The engine every real-engine check runs: ``job``'s model, connector and sizes, float32
+    by default, vLLM's prefix cache on, eager mode, seed 0."""
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    connector = job.get("connector")
+    kv_transfer = None
+    if connector:
+        kv_transfer = KVTransferConfig(kv_connector=connector["name"],
+                                       kv_connector_module_path=connector.get("module"),
+                                       kv_role="kv_both",
+                                       kv_connector_extra_config=connector.get("extra", {}))
+    tp = int(job.get("tensor_parallel_size", 1))
+    return LLM(model=job["model"], dtype=job.get("dtype", "float32"),
+               block_size=job.get("block_size", 32),
+               max_model_len=job.get("max_model_len", 10240),
+               max_num_batched_tokens=job.get("max_num_batched_tokens",
+                                              job.get("max_model_len", 10240)),
+               enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False,
+               seed=0, kv_transfer_config=kv_transfer,
+               **({"tensor_parallel_size": tp} if tp > 1 else {}))
+
+
 def run_job(job: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job.get("kv_cache_gb", 1))
@@ -58,30 +82,15 @@ def run_job(job: dict) -> dict:
         # Faults are armed by a call in the process that runs the worker: keep the engine
         # core in this process instead of vLLM's spawned one.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
 
     from kvtier.storage import faults
 
     if fault_spec:
         faults.arm_spec(fault_spec)
 
-    connector = job.get("connector")
-    kv_transfer = None
-    if connector:
-        kv_transfer = KVTransferConfig(kv_connector=connector["name"],
-                                       kv_connector_module_path=connector.get("module"),
-                                       kv_role="kv_both",
-                                       kv_connector_extra_config=connector.get("extra", {}))
     started = time.perf_counter()
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"),
-              block_size=job.get("block_size", 32),
-              max_model_len=job.get("max_model_len", 10240),
-              max_num_batched_tokens=job.get("max_num_batched_tokens",
-                                             job.get("max_model_len", 10240)),
-              enable_prefix_caching=True, enforce_eager=True, disable_log_stats=False,
-              seed=0, kv_transfer_config=kv_transfer,
-              **({"tensor_parallel_size": tp} if tp > 1 else {}))
+    llm = make_llm(job)
     result: dict = {"init_s": time.perf_counter() - started, "phases": []}
     for phase in job["phases"]:
         params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0,
@@ -102,7 +111,7 @@ def run_job(job: dict) -> dict:
             for out in done:
                 completion = out.outputs[0]
                 outputs.append(list(completion.token_ids))
-                chosen, lead = _logprobs(completion)
+                chosen, lead = logprobs_of(completion)
                 logprobs.append(chosen)
                 margins.append(lead)
                 latency = getattr(out.metrics, "first_token_latency", 0.0) if out.metrics else 0.0
@@ -110,7 +119,7 @@ def run_job(job: dict) -> dict:
         result["phases"].append({"outputs": outputs, "logprobs": logprobs,
                                  "margins": margins, "ttft_s": ttfts,
                                  "wall_s": time.perf_counter() - phase_started})
-    port = (connector or {}).get("extra", {}).get("metrics_port")
+    port = (job.get("connector") or {}).get("extra", {}).get("metrics_port")
     if port:
         result["metrics"] = scrape_metrics(port)
     if fault_spec:
@@ -120,7 +129,7 @@ def run_job(job: dict) -> dict:
     return result
 
 
-def _logprobs(completion) -> tuple[list[float], list[float]]:
+def logprobs_of(completion) -> tuple[list[float], list[float]]:
     """Per generated token: its logprob, and its lead over the runner-up."""
     chosen, lead = [], []
     for token_id, step in zip(completion.token_ids, completion.logprobs or ()):
