@@ -94,9 +94,9 @@ class EvictionPolicy(abc.ABC):
         """Number of evictable blocks the policy holds."""
 
 
-# Built-in policies beyond this module register when kvtier.pools.policies is imported.
-_REGISTRY: Registry[type[EvictionPolicy]] = Registry("eviction policy", EvictionPolicy,
-                                                     ("kvtier.pools.policies",))
+# Built-in policies beyond this module register when their modules are imported.
+_REGISTRY: Registry[type[EvictionPolicy]] = Registry(
+    "eviction policy", EvictionPolicy, ("kvtier.pools.policies", "kvtier.pools.reuse_policy"))
 register_policy = _REGISTRY.register
 
 

@@ -17,7 +17,8 @@ BELADY_BLOCKS = "belady_blocks"  # textbook Belady, every cached block access a 
 BOUNDS = (BELADY, BELADY_BLOCKS)
 # "all": the policies a deployment can choose, LRU first (the baseline). FIFO is left out: it is
 # a building block, never better than LRU for prefix caches.
-ALL_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf")
+ALL_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf",
+                "prefix_reuse")
 
 
 @dataclasses.dataclass(frozen=True)
