@@ -26,7 +26,7 @@ from kvtier.replay.trace import Trace, TraceRequest
 from kvtier.tiers import Tier
 
 NEW_POLICIES = ["lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf",
-                "prefix_reuse"]
+                "prefix_reuse", "dueling"]
 ALL_NAMES = ["lru", "fifo", *NEW_POLICIES]
 
 

@@ -89,6 +89,14 @@ class EvictionPolicy(abc.ABC):
     def victim(self) -> int | None:
         """Choose, forget and return the block to evict next; None if nothing is evictable."""
 
+    def evict(self, block_id: int) -> None:
+        """Forget evictable block ``block_id`` as a victim chosen by someone else (a policy
+        combining others evicts the block one of them chose from all of them). The default
+        forgets it as removed and unlinked; policies that learn from their victims (ghost
+        histories) override it to learn from this one too."""
+        self.on_remove(block_id)
+        self.on_unlink(block_id)
+
     @abc.abstractmethod
     def __len__(self) -> int:
         """Number of evictable blocks the policy holds."""
@@ -96,7 +104,8 @@ class EvictionPolicy(abc.ABC):
 
 # Built-in policies beyond this module register when their modules are imported.
 _REGISTRY: Registry[type[EvictionPolicy]] = Registry(
-    "eviction policy", EvictionPolicy, ("kvtier.pools.policies", "kvtier.pools.reuse_policy"))
+    "eviction policy", EvictionPolicy,
+    ("kvtier.pools.policies", "kvtier.pools.reuse_policy", "kvtier.pools.dueling"))
 register_policy = _REGISTRY.register
 
 

@@ -564,12 +564,17 @@ class _LeafFirstPolicy(EvictionPolicy):
             entry = heapq.heappop(heap)
             block_id = entry[4]
             if live[block_id] is entry:
-                live[block_id] = None
-                self._size -= 1
-                self._evicted(block_id, entry[2])
-                self.on_unlink(block_id)
+                self.evict(block_id)
                 return block_id
         return None
+
+    def evict(self, block_id: int) -> None:
+        entry = self._live[block_id]
+        if entry is not None:
+            self._live[block_id] = None  # its heap entry is garbage now
+            self._size -= 1
+            self._evicted(block_id, entry[2])
+        self.on_unlink(block_id)
 
     def __len__(self) -> int:
         return self._size

@@ -134,19 +134,21 @@ class PrefixReuseEviction(EvictionPolicy):
             return None
         overdue = self._top(self._by_deadline)
         # Both heaps hold the same blocks, so their tops share the lowest priority.
-        if overdue is not None and overdue[1] < self._now:
-            block_id = overdue[-1]
-        else:
-            block_id = expected[-1]
-        self._live[block_id] = 0
-        self._size -= 1
+        block_id = overdue[-1] if overdue is not None and overdue[1] < self._now else expected[-1]
+        self.evict(block_id)
+        return block_id
+
+    def evict(self, block_id: int) -> None:
+        if self._live[block_id]:
+            self._live[block_id] = 0  # its heap entries are garbage now
+            self._size -= 1
         key = self._keys[block_id]
         self._keys[block_id] = None
-        history = self._history
-        history[key] = self._last[block_id]
-        if len(history) > self._history_max:
-            history.popitem(last=False)
-        return block_id
+        if key is not None:
+            history = self._history
+            history[key] = self._last[block_id]
+            if len(history) > self._history_max:
+                history.popitem(last=False)
 
     def __len__(self) -> int:
         return self._size

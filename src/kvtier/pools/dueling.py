@@ -1,0 +1,142 @@
+"""``dueling``: run several eviction policies side by side and follow the one that hits most.
+
+No single policy wins everywhere (``benchmarks/replay.py``): frequency (``prefix_gdsf``) wins
+where shared prompts recur at random, the reuse-interval estimate (``prefix_reuse``) where
+conversations return after more traffic than the tier holds, ``arc`` in between, and each falls
+below LRU somewhere. This policy keeps every expert's order over the pool's blocks at once and
+evicts the block the current *lead* chooses (the others forget it as evicted, see
+``EvictionPolicy.evict``). To know which expert would do best here, each expert also runs alone
+in a *shadow*: a cache of the same size that holds keys only and sees the same releases. A
+shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY`` per
+release (a memory of about a thousand requests), and the lead changes when another expert's
+count beats it by more than ``Z`` standard deviations of Poisson noise (``Z x sqrt(sum)``), so
+that a few lucky hits in a cold or tiny tier do not flip it back and forth.
+
+A release is taken as one request's chain, tail first (the pool's and vLLM's order). Where a
+release holds something else (the connector's host tier sees store batches) a shadow's prefix
+hits are an estimate; the real pool's hits are unaffected. Cost: every hook runs in each
+expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.pools.eviction import EvictionPolicy, make_eviction_policy, register_policy
+from kvtier.tiers import BlockKey
+
+__all__ = ["DuelingEviction"]
+
+
+class _Shadow:
+    """One expert alone on a cache of ``num_blocks`` keys (no data): its prefix hits."""
+
+    def __init__(self, name: str, num_blocks: int) -> None:
+        self.policy = make_eviction_policy(name, num_blocks)
+        self._slot_of: dict[BlockKey, int] = {}
+        self._key: list[BlockKey | None] = [None] * num_blocks
+        self._priority = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    def request(self, chain: Sequence[BlockKey], priorities: Sequence[int]) -> int:
+        """Serve ``chain`` (head first) as the pool would and return its prefix hits."""
+        slot_of, keys, policy = self._slot_of, self._key, self.policy
+        held: list[int] = []
+        hits, matching = 0, True
+        for key, priority in zip(chain, priorities):
+            slot = slot_of.get(key)
+            if slot is not None:
+                hits += matching
+                policy.on_remove(slot)
+            else:
+                matching = False
+                slot = self._free.pop() if self._free else policy.victim()
+                if slot is None:  # the chain is longer than the cache
+                    break
+                old = keys[slot]
+                if old is not None:
+                    del slot_of[old]
+                keys[slot] = key
+                slot_of[key] = slot
+                policy.on_link(slot, held[-1] if held else -1)
+            self._priority[slot] = priority
+            held.append(slot)
+        held.reverse()
+        policy.on_insert_batch(held, keys, self._priority)
+        return hits
+
+
+@register_policy
+class DuelingEviction(EvictionPolicy):
+    """Evict as the expert whose shadow cache hits most lately (module doc)."""
+
+    name = "dueling"
+    hits_while_active = False  # every expert learns hits from re-inserts, not active touches
+    EXPERTS = ("lru", "arc", "prefix_gdsf", "prefix_reuse")
+    DECAY = 0.999  # per release
+    Z = 2.0        # lead changes need a lead this many standard deviations of noise wide
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._experts = [make_eviction_policy(name, num_blocks) for name in self.EXPERTS]
+        self._shadows = [_Shadow(name, num_blocks) for name in self.EXPERTS]
+        self._hits = [0.0] * len(self.EXPERTS)
+        self._lead = 0
+
+    @property
+    def lead(self) -> str:
+        """The expert whose order evicts now."""
+        return self.EXPERTS[self._lead]
+
+    def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
+        self.on_insert_batch((block_id,), {block_id: key}, {block_id: priority})
+
+    def on_insert_batch(self, block_ids: Sequence[int], key_of, priority_of) -> None:
+        chain = [key_of[b] for b in reversed(block_ids)]
+        priorities = [priority_of[b] for b in reversed(block_ids)]
+        hits, decay = self._hits, self.DECAY
+        for i, shadow in enumerate(self._shadows):
+            hits[i] = hits[i] * decay + shadow.request(chain, priorities)
+        self._lead = self.choose_lead(hits, self._lead)
+        for expert in self._experts:
+            expert.on_insert_batch(block_ids, key_of, priority_of)
+
+    @classmethod
+    def choose_lead(cls, hits: Sequence[float], lead: int) -> int:
+        """The expert with the most (decayed) shadow hits, if it beats ``lead`` by more than
+        ``Z`` standard deviations of Poisson noise; else ``lead``."""
+        best = max(range(len(hits)), key=hits.__getitem__)
+        if hits[best] - hits[lead] > cls.Z * (hits[best] + hits[lead]) ** 0.5:
+            return best
+        return lead
+
+    def on_remove(self, block_id: int) -> None:
+        for expert in self._experts:
+            expert.on_remove(block_id)
+
+    def on_hit(self, block_id: int, key: BlockKey) -> None:
+        for expert in self._experts:
+            expert.on_hit(block_id, key)
+
+    def on_link(self, block_id: int, parent_id: int) -> None:
+        for expert in self._experts:
+            expert.on_link(block_id, parent_id)
+
+    def on_unlink(self, block_id: int) -> None:
+        for expert in self._experts:
+            expert.on_unlink(block_id)
+
+    def victim(self) -> int | None:
+        block_id = self._experts[self._lead].victim()
+        if block_id is not None:
+            for i, expert in enumerate(self._experts):
+                if i != self._lead:
+                    expert.evict(block_id)
+        return block_id
+
+    def evict(self, block_id: int) -> None:
+        for expert in self._experts:
+            expert.evict(block_id)
+
+    def __len__(self) -> int:
+        return len(self._experts[self._lead])
