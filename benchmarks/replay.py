@@ -13,11 +13,15 @@ Traces (512-token blocks):
 Capacities are fractions of each trace's working set (unique blocks): 1 %, 3 %, 10 % (the
 targets' range) and 30 %. Per (trace, capacity) every policy of ``kvtier replay --policies
 all`` runs and the best is picked from the results (never fixed in advance). Targets on the
-held-out traces at capacities up to 10 %: best >= 1.3x LRU and >= 0.5x Belady; the
-single-policy line says which policy's worst ratio to LRU over every run is highest (a default
-must never fall below LRU). Capacities never go below the trace's longest request. Replay speed: one replay per capacity of the whole
-Mooncake trace through the real BlockPool, against a bare OrderedDict LRU (the data README's
-sanity script). Tiered: the same traces through the connector's own Leader, G1 (LRU, as
+held-out traces at capacities up to 10 %: best >= 1.3x LRU and >= 0.5x Belady (1.3x is
+counted apart where the offline optimum itself reaches it); the single-policy line says which
+policy's worst ratio to LRU over every run is highest (a default must never fall below LRU).
+Capacities never go below the trace's longest request. ``prefix_reuse`` and ``dueling`` were
+developed looking at ``--quick`` runs (each source's first 3,000 requests, seed 0); the seed-1
+traces and the rest of each trace were not looked at while choosing their rules and constants.
+Replay speed: one replay per capacity of the whole Mooncake trace through the real BlockPool
+(the general policy; every other policy at the smallest capacity), against a bare OrderedDict
+LRU (the data README's sanity script). Tiered: the same traces through the connector's own Leader, G1 (LRU, as
 vLLM's prefix cache) at 1 % of the working set and the host tier at 3 % and 10 %, where
 kvtier's policies actually run.
 
@@ -153,6 +157,7 @@ def main() -> None:
     results = []
     held_out_small: list[tuple[str, int, object]] = []   # (trace, capacity, summary)
     per_policy: dict[str, list[float]] = {}              # ratios to LRU, every run
+    worst_run: dict[str, tuple[float, str]] = {}         # policy -> (lowest ratio, where)
     mooncake = None
     print(f"{'trace':<22} {'capacity':>8} {'best':<12} {'x lru':>6} {'/belady':>8} "
           f"{'/bel_blk':>8}  tuned")
@@ -183,6 +188,8 @@ def main() -> None:
                 if row.capacity_blocks == item.capacity_blocks and row.policy in ALL_POLICIES:
                     ratio = row.block_hit_ratio / lru if lru else 1.0
                     per_policy.setdefault(row.policy, []).append(ratio)
+                    if ratio < worst_run.get(row.policy, (float("inf"), ""))[0]:
+                        worst_run[row.policy] = (ratio, tag)
             if not tuned and fraction <= TARGET_FRACTION + 1e-9:
                 held_out_small.append((name, item.capacity_blocks, item))
 
@@ -206,8 +213,8 @@ def main() -> None:
     met_reachable = sum(1 for t in reachable if t[2].vs_lru >= 1.3)
     print(f"  of those, {len(reachable)} runs where Belady itself is >= 1.3x LRU: best >= 1.3x "
           f"LRU in {met_reachable} ("
-          + ", ".join(f"{n} @ {c}: {i.vs_lru:.2f} of Belady's "
-                      f"{i.belady_hit_ratio / i.lru_hit_ratio:.2f}"
+          + ", ".join(f"{n} @ {c}: {i.vs_lru:.2f}x, Belady "
+                      f"{i.belady_hit_ratio / i.lru_hit_ratio:.2f}x"
                       for n, c, i in reachable if i.vs_lru < 1.3) + " below)")
     results.append({"metric": "held_out_reachable_runs_best_ge_1.3x_lru",
                     "value": met_reachable, "unit": "runs",
@@ -219,7 +226,13 @@ def main() -> None:
                                                -statistics.mean(per_policy[p])))
     print("ratio to LRU of each policy over every run (worst / mean): "
           + ", ".join(f"{p} {min(per_policy[p]):.2f}/{statistics.mean(per_policy[p]):.2f}"
+                      f" ({worst_run[p][1]})"
                       for p in ranked))
+    for p in ranked:
+        results.append({"metric": f"policy_vs_lru_worst_{p}", "value": min(per_policy[p]),
+                        "unit": "ratio", "baseline": f"lru (worst at {worst_run[p][1]}; mean "
+                        f"{statistics.mean(per_policy[p]):.2f})", "baseline_value": 1.0,
+                        "ratio": min(per_policy[p])})
     general = ranked[0]
     general_worst = min(per_policy[general])
     results.append({"metric": f"worst_vs_lru_single_policy_{general}",

@@ -5,17 +5,12 @@ from __future__ import annotations
 import random
 from typing import ClassVar
 
+from policy_cases import hits, make_trace, order_of_one_time_blocks
+
 from kvtier.pools import BlockPool
 from kvtier.pools.dueling import DuelingEviction
-from kvtier.replay.simulator import CostModel, TierSpec, replay
-from kvtier.replay.trace import Trace, TraceRequest
+from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
-
-
-def make_trace(chains: list[list[int]], block_tokens: int = 4) -> Trace:
-    requests = tuple(TraceRequest(float(i), len(ids) * block_tokens, 1, tuple(ids))
-                     for i, ids in enumerate(chains))
-    return Trace(requests, block_tokens, "test")
 
 
 def round_robin(users: int = 6, turns: int = 12) -> Trace:
@@ -36,11 +31,6 @@ def hot_and_scans(rounds: int = 80, seed: int = 3) -> Trace:
     return make_trace(chains)
 
 
-def hits(trace: Trace, capacity: int, policy: str) -> int:
-    return replay(trace, [TierSpec(Tier.G1, capacity, eviction=policy)],
-                  cost=CostModel(bytes_per_token=1)).total.blocks_hit
-
-
 class RecordedDueling(DuelingEviction):
     """DuelingEviction that keeps its instances, to read the lead after a replay."""
 
@@ -53,41 +43,32 @@ class RecordedDueling(DuelingEviction):
 
 def lead_after(trace: Trace, capacity: int) -> str:
     RecordedDueling.instances.clear()
-    hits(trace, capacity, f"{__name__}.RecordedDueling")
+    hits(trace, f"{__name__}.RecordedDueling", capacity)
     (policy,) = RecordedDueling.instances
     return policy.lead
 
 
 def test_follows_the_reuse_interval_expert_on_round_robin_conversations():
     trace, capacity = round_robin(), 24
-    lru, reuse = hits(trace, capacity, "lru"), hits(trace, capacity, "prefix_reuse")
+    lru, reuse = hits(trace, "lru", capacity), hits(trace, "prefix_reuse", capacity)
     assert reuse > 3 * lru  # the control: the experts differ a lot here
-    assert hits(trace, capacity, "dueling") >= 0.8 * reuse
+    assert hits(trace, "dueling", capacity) >= 0.8 * reuse
     assert lead_after(trace, capacity) == "prefix_reuse"
 
 
 def test_leaves_lru_when_a_scan_resistant_expert_keeps_a_hot_prefix():
     trace, capacity = hot_and_scans(), 10
-    assert hits(trace, capacity, "lru") == 0  # 12-15 one-time blocks between two uses
-    best = max(hits(trace, capacity, p) for p in ("arc", "prefix_gdsf", "prefix_reuse"))
-    assert hits(trace, capacity, "dueling") >= 0.8 * best
+    assert hits(trace, "lru", capacity) == 0  # 12-15 one-time blocks between two uses
+    best = max(hits(trace, p, capacity) for p in ("arc", "prefix_gdsf", "prefix_reuse"))
+    assert hits(trace, "dueling", capacity) >= 0.8 * best
     assert lead_after(trace, capacity) != "lru"
 
 
 def test_stays_lru_without_evidence():
     # Nothing is ever reused: no shadow hits, so the lead never leaves LRU and the order is
     # LRU's (oldest release first).
+    assert order_of_one_time_blocks("dueling") == [b"a", b"b", b"c", b"d"]
     pool = BlockPool(Tier.G2, 4, eviction="dueling")
-    for key in (b"a", b"b", b"c", b"d"):
-        ids = pool.allocate(1)
-        pool.complete(ids)
-        pool.release(pool.register(ids, [key]))
-    order = []
-    for _ in range(4):
-        before = {k for k in (b"a", b"b", b"c", b"d") if k in pool}
-        pool.allocate(1)
-        order += [k for k in before if k not in pool]
-    assert order == [b"a", b"b", b"c", b"d"]
     assert pool.eviction.lead == "lru"
 
 

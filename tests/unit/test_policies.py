@@ -8,6 +8,7 @@ import textwrap
 import zlib
 
 import pytest
+from policy_cases import hits, make_trace
 
 from kvtier.errors import ConfigError
 from kvtier.offload.admission import make_admission_policy
@@ -22,24 +23,12 @@ from kvtier.pools.policies import (
     TinyLfuEviction,
 )
 from kvtier.replay.simulator import CostModel, TierSpec, replay
-from kvtier.replay.trace import Trace, TraceRequest
+from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
 
 NEW_POLICIES = ["lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf",
                 "prefix_reuse", "dueling"]
 ALL_NAMES = ["lru", "fifo", *NEW_POLICIES]
-
-
-def make_trace(chains: list[list[int]], block_tokens: int = 4) -> Trace:
-    requests = tuple(TraceRequest(float(i), len(ids) * block_tokens, 1, tuple(ids))
-                     for i, ids in enumerate(chains))
-    return Trace(requests, block_tokens, "test")
-
-
-def hits(trace: Trace, policy: str, capacity: int) -> int:
-    result = replay(trace, [TierSpec(Tier.G1, capacity, eviction=policy)],
-                    cost=CostModel(bytes_per_token=1))
-    return result.total.blocks_hit
 
 
 # -- selection --------------------------------------------------------------------------------

@@ -9,23 +9,18 @@ import itertools
 import random
 
 import pytest
+from policy_cases import make_trace
 
 from kvtier.pools import BlockPool
 from kvtier.replay.azure import AzurePrefixSpec, load_azure_trace
 from kvtier.replay.belady import BeladyOracle
 from kvtier.replay.compare import compare_policies, summarize
 from kvtier.replay.simulator import CostModel
-from kvtier.replay.trace import Trace, TraceRequest, load_trace
+from kvtier.replay.trace import load_trace
 from kvtier.tiers import Tier
 from need import data_dir, need_file
 
 AZURE_CONV = data_dir() / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
-
-
-def make_trace(chains: list[list[int]], block_tokens: int = 4) -> Trace:
-    requests = tuple(TraceRequest(float(i), len(ids) * block_tokens, 1, tuple(ids))
-                     for i, ids in enumerate(chains))
-    return Trace(requests, block_tokens, "test")
 
 
 def serve(pool: BlockPool, chain: list[int], release_tail_first: bool = True) -> None:

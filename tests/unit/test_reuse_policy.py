@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
+from policy_cases import hits, make_trace, order_of_one_time_blocks
+
 from kvtier.pools import BlockPool
 from kvtier.replay.belady import BeladyOracle
-from kvtier.replay.simulator import CostModel, TierSpec, replay
-from kvtier.replay.trace import Trace, TraceRequest
+from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
-
-
-def make_trace(chains: list[list[int]], block_tokens: int = 4) -> Trace:
-    requests = tuple(TraceRequest(float(i), len(ids) * block_tokens, 1, tuple(ids))
-                     for i, ids in enumerate(chains))
-    return Trace(requests, block_tokens, "test")
-
-
-def hits(trace: Trace, policy: str, capacity: int) -> int:
-    result = replay(trace, [TierSpec(Tier.G1, capacity, eviction=policy)],
-                    cost=CostModel(bytes_per_token=1))
-    return result.total.blocks_hit
 
 
 def round_robin_trace(users: int = 5, turns: int = 10) -> Trace:
@@ -44,17 +33,7 @@ def test_keeps_conversations_that_lru_evicts_just_before_they_return():
 
 def test_without_history_it_is_lru():
     # Nothing was ever seen twice: every block is overdue at once, oldest release first.
-    pool = BlockPool(Tier.G2, 4, eviction="prefix_reuse")
-    for key in (b"a", b"b", b"c", b"d"):
-        ids = pool.allocate(1)
-        pool.complete(ids)
-        pool.release(pool.register(ids, [key]))
-    order = []
-    for _ in range(4):
-        before = {k for k in (b"a", b"b", b"c", b"d") if k in pool}
-        pool.allocate(1)
-        order += [k for k in before if k not in pool]
-    assert order == [b"a", b"b", b"c", b"d"]
+    assert order_of_one_time_blocks("prefix_reuse") == [b"a", b"b", b"c", b"d"]
 
 
 def test_one_time_prompts_go_before_a_block_that_is_due_back():
