@@ -13,6 +13,8 @@ Metrics (blocks/s, blocks = request blocks cycled; median of interleaved runs, C
 this process so that other load on the machine does not skew the ratio):
   pool_cycle         events off on both pools
   pool_cycle_events  KV events on both pools (kvtier also records token ids, as vLLM does)
+  pool_cycle_POLICY  events off, kvtier's pool running each other eviction policy of
+                     ``kvtier replay --policies all`` (the tiers' options) instead of LRU
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ logging.getLogger("vllm").setLevel(logging.WARNING)
 
 from kvtier.events import EventBuffer
 from kvtier.pools import BlockPool
+from kvtier.replay import ALL_POLICIES
 from kvtier.tiers import Tier
 
 BLOCK = 16
@@ -133,17 +136,37 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"{num_requests} requests x {prefix_blocks}+{unique_blocks} blocks, pool of "
           f"{capacity} blocks, {num_prefixes} shared prefixes; median of {repeats} runs")
-    print(f"{'metric':<19}{'kvtier blocks/s':>17}{'vLLM blocks/s':>16}{'ratio':>8}")
+    print(f"{'metric':<22}{'kvtier blocks/s':>17}{'vLLM blocks/s':>16}{'ratio':>8}")
     results = []
     for metric, ours, theirs, label in (
             ("pool_cycle", "ours", "vllm", "vllm.v1.core.block_pool.BlockPool"),
             ("pool_cycle_events", "ours_ev", "vllm_ev",
              "vllm.v1.core.block_pool.BlockPool (kv events on)")):
         ratio = med[ours] / med[theirs]
-        print(f"{metric:<19}{med[ours]:>17,.0f}{med[theirs]:>16,.0f}{ratio:>8.2f}")
+        print(f"{metric:<22}{med[ours]:>17,.0f}{med[theirs]:>16,.0f}{ratio:>8.2f}")
         results.append({"metric": metric, "value": round(med[ours]), "unit": "blocks/s",
                         "baseline": label, "baseline_value": round(med[theirs]),
                         "ratio": round(ratio, 2)})
+    # Every other eviction policy a tier can run, in the same cycle (events off), against
+    # vLLM's pool timed beside it.
+    policy_repeats = max(1, repeats // 3)
+    for policy in ALL_POLICIES:
+        if policy == "lru":
+            continue
+        ours_bps, theirs_bps = [], []
+        for _ in range(policy_repeats):
+            ours = BlockPool(Tier.G1, capacity, eviction=policy, block_size=BLOCK)
+            ours_bps.append(num_blocks / run_kvtier(ours, requests, False))
+            ours.check_invariants()
+            theirs = VllmBlockPool(capacity + 1, enable_caching=True, hash_block_size=BLOCK)
+            theirs_bps.append(num_blocks / run_vllm(theirs, requests))
+        ours_med, theirs_med = statistics.median(ours_bps), statistics.median(theirs_bps)
+        metric = f"pool_cycle_{policy}"
+        print(f"{metric:<22}{ours_med:>17,.0f}{theirs_med:>16,.0f}{ours_med / theirs_med:>8.2f}")
+        results.append({"metric": metric, "value": round(ours_med), "unit": "blocks/s",
+                        "baseline": "vllm.v1.core.block_pool.BlockPool",
+                        "baseline_value": round(theirs_med),
+                        "ratio": round(ours_med / theirs_med, 2)})
     print(json.dumps({"bench": "pool", "results": results}))
 
 
