@@ -91,7 +91,8 @@ class DuelingEviction(EvictionPolicy):
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
         self.on_insert_batch((block_id,), {block_id: key}, {block_id: priority})
 
-    def on_insert_batch(self, block_ids: Sequence[int], key_of, priority_of) -> None:
+    def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
+                        priority_of: Sequence[int]) -> None:
         chain = [key_of[b] for b in reversed(block_ids)]
         priorities = [priority_of[b] for b in reversed(block_ids)]
         hits, decay = self._hits, self.DECAY

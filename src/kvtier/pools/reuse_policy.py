@@ -80,7 +80,8 @@ class PrefixReuseEviction(EvictionPolicy):
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
         self.on_insert_batch((block_id,), {block_id: key}, {block_id: priority})
 
-    def on_insert_batch(self, block_ids: Sequence[int], key_of, priority_of) -> None:
+    def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
+                        priority_of: Sequence[int]) -> None:
         """One release is one step of the clock; the blocks' intervals are learned together,
         so that new blocks can take their request's interval."""
         self._now += 1
