@@ -100,6 +100,36 @@ def test_disk_admission_frequency_filter_needs_a_second_offer(tmp_path):
     assert leader.g3.num_registered == 2 and leader.g2.num_active == 0
 
 
+def test_staging_a_disk_block_never_evicts_a_host_block_the_same_load_needs(tmp_path):
+    leader = make(host_cache_blocks=3, disk_cache_blocks=8, disk_dir=str(tmp_path),
+                  disk_admission="always")
+    leader.disk.recovered = True
+
+    def store(req_id: str, tokens: list[int], blocks: list[int]) -> None:
+        leader.match(req_id, tokens, 0)
+        leader.progress(req_id, tokens, len(tokens), blocks)
+        confirm_stores(leader, leader.take_plan())
+        leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().disk_writes.op_ids)))
+        leader.finish(req_id)
+
+    tokens = list(range(3, 3 + 3 * BT))
+    store("a", tokens, [1, 2, 3])                  # host and disk hold a0 a1 a2
+    first = leader.hasher.hash_blocks(tokens, salt=salt_hash())[0]
+    leader.g2.discard([first])                     # a0 only on disk now
+    store("z", list(range(900, 900 + BT)), [4])    # the host is full again: a1 a2 z
+    # a0 loads from disk through a staging slot, a1 and a2 from the host. The staging slot
+    # takes an inactive host block: z (newest), never a1 or a2, which this load pins.
+    assert leader.match("b", tokens + [9], 0) == 3 * BT
+    leader.begin_onboard("b", [5, 6, 7], 3 * BT)
+    (op,) = leader.take_plan().loads
+    assert NO_SLOT not in op.g2_slots and op.g3_slots[0] != NO_SLOT
+    leader.on_report(WorkerReport(loads=[LoadResult("b", [], [], op_id=op.op_id)]))
+    assert leader.metrics.value("kvtier_load_errors") == 0
+    assert leader.metrics.value("kvtier_matched_blocks", tier="G2") == 2
+    assert leader.metrics.value("kvtier_matched_blocks", tier="G3") == 1
+    leader.check_invariants()
+
+
 def test_corrupt_disk_block_is_discarded_and_its_slot_dropped_from_the_index(tmp_path):
     leader = make(disk_cache_blocks=32, disk_dir=str(tmp_path), disk_admission="always")
     leader.disk.recovered = True

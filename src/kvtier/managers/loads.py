@@ -61,11 +61,15 @@ class Loads:
                     [], [], [], sync=sync)
         load = _Load(op, first_block, [], [], origins, priority)
         op.op_id = self.ops.start(load, self)
+        # Pin every host hit before staging anything: a staging slot may evict an inactive
+        # host block, and it must not be one this load is about to pin.
+        host_pins = {i: self.host.pin(keys[i]) for i in range(min(num_blocks, len(tiers)))
+                     if tiers[i] is Tier.G2}
         for i in range(num_blocks):
             key, tier = (keys[i], tiers[i]) if i < len(tiers) else (0, None)
             g2_slot = g3_slot = None
             if tier is Tier.G2:
-                g2_slot = self.host.pin(key)
+                g2_slot = host_pins[i]
             elif tier is Tier.G3:
                 g3_slot = self.disk.pin(key)
                 g2_slot = self.host.stage() if g3_slot is not None else None
