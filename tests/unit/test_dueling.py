@@ -7,10 +7,8 @@ from typing import ClassVar
 
 from policy_cases import hits, make_trace, order_of_one_time_blocks
 
-from kvtier.pools import BlockPool
 from kvtier.pools.dueling import DuelingEviction
 from kvtier.replay.trace import Trace
-from kvtier.tiers import Tier
 
 
 def round_robin(users: int = 6, turns: int = 12) -> Trace:
@@ -68,8 +66,8 @@ def test_stays_lru_without_evidence():
     # Nothing is ever reused: no shadow hits, so the lead never leaves LRU and the order is
     # LRU's (oldest release first).
     assert order_of_one_time_blocks("dueling") == [b"a", b"b", b"c", b"d"]
-    pool = BlockPool(Tier.G2, 4, eviction="dueling")
-    assert pool.eviction.lead == "lru"
+    one_time = make_trace([[i * 10, i * 10 + 1] for i in range(40)])
+    assert lead_after(one_time, 6) == "lru"
 
 
 def test_the_lead_changes_only_beyond_the_noise():
