@@ -6,7 +6,8 @@ conversations return after more traffic than the tier holds, ``arc`` in between,
 below LRU somewhere. This policy keeps every expert's order over the pool's blocks at once and
 evicts the block the current *lead* chooses (the others forget it as evicted, see
 ``EvictionPolicy.evict``). To know which expert would do best here, each expert also runs alone
-in a *shadow*: a cache of the same size that holds keys only and sees the same releases. A
+in a *shadow*: a ``BlockPool`` of the same size that holds keys only and sees the same
+releases. A
 shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY`` per
 release (a memory of about a thousand requests), and the lead changes when another expert's
 count beats it by more than ``Z`` standard deviations of Poisson noise (``Z x sqrt(sum)``), so
@@ -22,47 +23,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvtier.pools.block_pool import BlockPool
 from kvtier.pools.eviction import EvictionPolicy, make_eviction_policy, register_policy
-from kvtier.tiers import BlockKey
+from kvtier.tiers import BlockKey, Tier
 
 __all__ = ["DuelingEviction"]
 
 
 class _Shadow:
-    """One expert alone on a cache of ``num_blocks`` keys (no data): its prefix hits."""
+    """One expert alone in a pool of ``num_blocks`` keys (no data): its prefix hits. A real
+    ``BlockPool``, served as the replay serves its device tier."""
 
     def __init__(self, name: str, num_blocks: int) -> None:
-        self.policy = make_eviction_policy(name, num_blocks)
-        self._slot_of: dict[BlockKey, int] = {}
-        self._key: list[BlockKey | None] = [None] * num_blocks
-        self._priority = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.pool = BlockPool(Tier.G1, num_blocks, eviction=name)
 
     def request(self, chain: Sequence[BlockKey], priorities: Sequence[int]) -> int:
-        """Serve ``chain`` (head first) as the pool would and return its prefix hits."""
-        slot_of, keys, policy = self._slot_of, self._key, self.policy
-        held: list[int] = []
-        hits, matching = 0, True
-        for key, priority in zip(chain, priorities):
-            slot = slot_of.get(key)
-            if slot is not None:
-                hits += matching
-                policy.on_remove(slot)
-            else:
-                matching = False
-                slot = self._free.pop() if self._free else policy.victim()
-                if slot is None:  # the chain is longer than the cache
-                    break
-                old = keys[slot]
-                if old is not None:
-                    del slot_of[old]
-                keys[slot] = key
-                slot_of[key] = slot
-                policy.on_link(slot, held[-1] if held else -1)
-            self._priority[slot] = priority
-            held.append(slot)
+        """Serve ``chain`` (head first): match its prefix, register the rest that fits,
+        release tail first. Returns the prefix hits."""
+        pool = self.pool
+        held = pool.match(chain)
+        hits = len(held)
+        room = min(len(chain) - hits, pool.num_free + pool.num_inactive)
+        if room:
+            fresh = pool.allocate(room)
+            pool.complete(fresh)
+            held += pool.register(fresh, chain[hits:hits + room],
+                                  parent=chain[hits - 1] if hits else None,
+                                  priority=priorities[hits:hits + room])
         held.reverse()
-        policy.on_insert_batch(held, keys, self._priority)
+        pool.release(held)
         return hits
 
 
