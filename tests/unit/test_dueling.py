@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 from typing import ClassVar
 
+import pytest
 from policy_cases import hits, make_trace, order_of_one_time_blocks
 
+from kvtier.pools import BlockPool
 from kvtier.pools.dueling import DuelingEviction
 from kvtier.replay.trace import Trace
+from kvtier.tiers import Tier
 
 
 def round_robin(users: int = 6, turns: int = 12) -> Trace:
@@ -78,3 +81,48 @@ def test_the_lead_changes_only_beyond_the_noise():
     assert choose([1000, 1100, 0, 0], 0) == 1    # 100 > 2 x sqrt(2100)
     assert choose([1000, 1100, 1500, 0], 1) == 2
     assert choose([5, 5, 5, 5], 3) == 3          # ties keep the lead
+
+
+def concurrent_chats(pool_a: BlockPool, pool_b: BlockPool, steps: int = 600,
+                     seed: int = 5) -> int:
+    """Drive both pools with the same requests: users re-send growing histories while up to
+    three other requests hold blocks (so matches hit active blocks too). Asserts after every
+    step that both hold the same keys; returns how many matched blocks another request held."""
+    rng = random.Random(seed)
+    turns = [0] * 8
+    held: list[tuple[list[int], list[int]]] = []
+    hits_on_held = 0
+    for step in range(steps):
+        user = rng.randrange(len(turns))
+        turns[user] += 1
+        chain = [user * 1000 + i for i in range(2 + 2 * turns[user])][-12:]
+        chain = [-1, -2] + chain  # a system prompt every request shares
+        taken = []
+        for pool in (pool_a, pool_b):
+            got = pool.match(chain)
+            if pool is pool_a:
+                held_ids = {block for blocks, _ in held for block in blocks}
+                hits_on_held += sum(block in held_ids for block in got)
+            room = min(len(chain) - len(got), pool.num_free + pool.num_inactive)
+            fresh = pool.allocate(room)
+            pool.complete(fresh)
+            got += pool.register(fresh, chain[len(got):len(got) + room],
+                                 parent=chain[len(got) - 1] if got else None)
+            taken.append(got)
+        held.append((taken[0], taken[1]))
+        while len(held) > rng.randint(1, 4):
+            a, b = held.pop(rng.randrange(len(held)))
+            pool_a.release(a[::-1])
+            pool_b.release(b[::-1])
+        keys = range(-2, 9000)
+        assert [k for k in keys if k in pool_a] == [k for k in keys if k in pool_b], step
+    return hits_on_held
+
+
+@pytest.mark.parametrize("expert", DuelingEviction.EXPERTS)
+def test_one_expert_alone_evicts_exactly_as_that_policy(expert):
+    # The experts hear every hook as a pool would tell them alone: hits on blocks another
+    # request holds included (arc's clock counts them; dueling once dropped them).
+    alone = type("OneExpert", (DuelingEviction,), {"EXPERTS": (expert,)})
+    assert concurrent_chats(BlockPool(Tier.G2, 20, eviction=expert),
+                            BlockPool(Tier.G2, 20, eviction=alone(20))) > 100

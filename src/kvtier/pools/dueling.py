@@ -60,7 +60,9 @@ class DuelingEviction(EvictionPolicy):
     """Evict as the expert whose shadow cache hits most lately (module doc)."""
 
     name = "dueling"
-    hits_while_active = False  # every expert learns hits from re-inserts, not active touches
+    # Hits on active blocks too: an expert that counts them (arc's clock) hears them; the
+    # others hear only hits on inactive blocks, as the pool would tell them alone.
+    hits_while_active = True
     EXPERTS = ("lru", "arc", "prefix_gdsf", "prefix_reuse")
     DECAY = 0.999  # per release
     Z = 2.0        # lead changes need a lead this many standard deviations of noise wide
@@ -71,6 +73,8 @@ class DuelingEviction(EvictionPolicy):
         self._shadows = [_Shadow(name, num_blocks) for name in self.EXPERTS]
         self._hits = [0.0] * len(self.EXPERTS)
         self._lead = 0
+        self._active_hits = [expert for expert in self._experts if expert.hits_while_active]
+        self._inactive = bytearray(num_blocks)  # 1 while the block is in the eviction order
 
     @property
     def lead(self) -> str:
@@ -88,6 +92,9 @@ class DuelingEviction(EvictionPolicy):
         for i, shadow in enumerate(self._shadows):
             hits[i] = hits[i] * decay + shadow.request(chain, priorities)
         self._lead = self.choose_lead(hits, self._lead)
+        inactive = self._inactive
+        for block_id in block_ids:
+            inactive[block_id] = 1
         for expert in self._experts:
             expert.on_insert_batch(block_ids, key_of, priority_of)
 
@@ -101,11 +108,12 @@ class DuelingEviction(EvictionPolicy):
         return lead
 
     def on_remove(self, block_id: int) -> None:
+        self._inactive[block_id] = 0
         for expert in self._experts:
             expert.on_remove(block_id)
 
     def on_hit(self, block_id: int, key: BlockKey) -> None:
-        for expert in self._experts:
+        for expert in self._experts if self._inactive[block_id] else self._active_hits:
             expert.on_hit(block_id, key)
 
     def on_link(self, block_id: int, parent_id: int) -> None:
@@ -119,12 +127,14 @@ class DuelingEviction(EvictionPolicy):
     def victim(self) -> int | None:
         block_id = self._experts[self._lead].victim()
         if block_id is not None:
+            self._inactive[block_id] = 0
             for i, expert in enumerate(self._experts):
                 if i != self._lead:
                     expert.evict(block_id)
         return block_id
 
     def evict(self, block_id: int) -> None:
+        self._inactive[block_id] = 0
         for expert in self._experts:
             expert.evict(block_id)
 

@@ -294,10 +294,7 @@ class S3FifoEviction(_ListPolicy):
                     freq[block_id] = 0
                     lists.push_front(_MAIN, block_id)
                     continue
-                ghost = self._ghost
-                ghost[self._keys[block_id]] = None
-                if len(ghost) > self._ghost_max:
-                    ghost.popitem(last=False)
+                self._to_ghost(block_id)
                 return block_id
             block_id = lists.back(_MAIN)
             lists.unlink(block_id)
@@ -306,6 +303,21 @@ class S3FifoEviction(_ListPolicy):
                 lists.push_front(_MAIN, block_id)
                 continue
             return block_id
+
+    def evict(self, block_id: int) -> None:
+        # A probationary block another policy evicted is remembered as this policy's own.
+        if self._lists.owner[block_id] == _SMALL:
+            self._lists.unlink(block_id)
+            self._to_ghost(block_id)
+            self._keys[block_id] = None
+            return
+        super().evict(block_id)
+
+    def _to_ghost(self, block_id: int) -> None:
+        ghost = self._ghost
+        ghost[self._keys[block_id]] = None
+        if len(ghost) > self._ghost_max:
+            ghost.popitem(last=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,20 +399,36 @@ class ArcEviction(_ListPolicy):
         t1 = lists.sizes[_T1]
         if t1 and (t1 > self._p or not lists.sizes[_T2]):
             block_id = lists.back(_T1)
+        else:
+            block_id = lists.back(_T2)
+        self._to_ghost(block_id)
+        return block_id
+
+    def evict(self, block_id: int) -> None:
+        # A victim another policy chose goes to the ghost lists as this policy's own would:
+        # without it a key evicted meanwhile never earns its way into T2 when it returns.
+        if self._lists.owner[block_id] == _NONE:
+            super().evict(block_id)
+            return
+        self._to_ghost(block_id)
+        self._keys[block_id] = None
+
+    def _to_ghost(self, block_id: int) -> None:
+        """Unlink ``block_id`` from T1 or T2 and remember its key in B1 or B2."""
+        lists = self._lists
+        if lists.owner[block_id] == _T1:
             b1 = self._b1
             b1[self._keys[block_id]] = (self._t1_evictions << 64) | self._last_access[block_id]
             self._t1_evictions += 1
             if len(b1) > self._b1_max:
                 b1.popitem(last=False)
         else:
-            block_id = lists.back(_T2)
             self._t2_horizon = self._clock - self._last_access[block_id]
             b2 = self._b2
             b2[self._keys[block_id]] = None
             if len(b2) > self.num_blocks:
                 b2.popitem(last=False)
         lists.unlink(block_id)
-        return block_id
 
 
 # ---------------------------------------------------------------------------------------------
