@@ -86,7 +86,7 @@ def test_the_lead_changes_only_beyond_the_noise():
 def concurrent_chats(pool_a: BlockPool, pool_b: BlockPool, steps: int = 600,
                      seed: int = 5) -> int:
     """Drive both pools with the same requests: users re-send growing histories while up to
-    three other requests hold blocks (so matches hit active blocks too). Asserts after every
+    four requests hold blocks (so matches hit active blocks too). Asserts after every
     step that both hold the same keys; returns how many matched blocks another request held."""
     rng = random.Random(seed)
     turns = [0] * 8
