@@ -7,15 +7,21 @@ below LRU somewhere. This policy keeps every expert's order over the pool's bloc
 evicts the block the current *lead* chooses (the others forget it as evicted, see
 ``EvictionPolicy.evict``). To know which expert would do best here, each expert also runs alone
 in a *shadow*: a ``BlockPool`` of the same size that holds keys only and sees the same
-releases. A
-shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY`` per
-release (a memory of about a thousand requests), and the lead changes when another expert's
-count beats it by more than ``Z`` standard deviations of Poisson noise (``Z x sqrt(sum)``), so
-that a few lucky hits in a cold or tiny tier do not flip it back and forth.
+releases and touches. A shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY`` per
+release (a memory of about a thousand requests), and the lead changes only when another
+expert's count beats it by more than ``Z`` standard deviations of noise, taking the larger of
+two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier where the
+experts hit alike on its default: behind a G1 tier, a paired test alone left LRU on evidence
+worth 0.2-0.8 % of hits and lost that much. The noise of the release-by-release differences
+(their decayed sum of squares; the shadows serve the same requests) catches what counts miss:
+a prefix hit comes in runs, one request matching many blocks at once, so a single lucky request
+never moves the lead on its own (a tier of 47 blocks flipped on one 17-block match under the
+Poisson test alone and fell to 0.42x LRU). Over ``benchmarks/replay.py``'s 46 runs the two
+together never fall below LRU; either alone does.
 
 A release is taken as one request's chain, tail first (the pool's and vLLM's order). Where a
-release holds something else (the connector's host tier sees store batches) a shadow's prefix
-hits are an estimate; the real pool's hits are unaffected. Cost: every hook runs in each
+release holds something else (the connector's host and disk tiers release one block at a time)
+a shadow's prefix hits are an estimate; the real pool's hits are unaffected. Cost: every hook runs in each
 expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per block.
 """
 
@@ -72,6 +78,8 @@ class DuelingEviction(EvictionPolicy):
         self._experts = [make_eviction_policy(name, num_blocks) for name in self.EXPERTS]
         self._shadows = [_Shadow(name, num_blocks) for name in self.EXPERTS]
         self._hits = [0.0] * len(self.EXPERTS)
+        # _spread[i][j]: decayed sum over releases of (expert i's hits - expert j's)^2
+        self._spread = [[0.0] * len(self.EXPERTS) for _ in self.EXPERTS]
         self._lead = 0
         self._active_hits = [expert for expert in self._experts if expert.hits_while_active]
         self._inactive = bytearray(num_blocks)  # 1 while the block is in the eviction order
@@ -88,24 +96,27 @@ class DuelingEviction(EvictionPolicy):
                         priority_of: Sequence[int]) -> None:
         chain = [key_of[b] for b in reversed(block_ids)]
         priorities = [priority_of[b] for b in reversed(block_ids)]
-        hits, decay = self._hits, self.DECAY
-        for i, shadow in enumerate(self._shadows):
-            hits[i] = hits[i] * decay + shadow.request(chain, priorities)
-        self._lead = self.choose_lead(hits, self._lead)
+        self.score_release([shadow.request(chain, priorities) for shadow in self._shadows])
         inactive = self._inactive
         for block_id in block_ids:
             inactive[block_id] = 1
         for expert in self._experts:
             expert.on_insert_batch(block_ids, key_of, priority_of)
 
-    @classmethod
-    def choose_lead(cls, hits: Sequence[float], lead: int) -> int:
-        """The expert with the most (decayed) shadow hits, if it beats ``lead`` by more than
-        ``Z`` standard deviations of Poisson noise; else ``lead``."""
-        best = max(range(len(hits)), key=hits.__getitem__)
-        if hits[best] - hits[lead] > cls.Z * (hits[best] + hits[lead]) ** 0.5:
-            return best
-        return lead
+    def score_release(self, got: Sequence[int]) -> None:
+        """Count one release's shadow hits (``got[i]``: expert i's) and move the lead to the
+        expert with the most decayed hits if its margin over the lead exceeds ``Z`` standard
+        deviations of both the counts and the per-release differences (module doc)."""
+        hits, spread, decay = self._hits, self._spread, self.DECAY
+        for i, mine in enumerate(got):
+            hits[i] = hits[i] * decay + mine
+            row = spread[i]
+            for j, theirs in enumerate(got):
+                row[j] = row[j] * decay + (mine - theirs) ** 2
+        best, lead = max(range(len(hits)), key=hits.__getitem__), self._lead
+        noise = max(hits[best] + hits[lead], spread[best][lead]) ** 0.5
+        if hits[best] - hits[lead] > self.Z * noise:
+            self._lead = best
 
     def on_remove(self, block_id: int) -> None:
         self._inactive[block_id] = 0
@@ -113,8 +124,17 @@ class DuelingEviction(EvictionPolicy):
             expert.on_remove(block_id)
 
     def on_hit(self, block_id: int, key: BlockKey) -> None:
-        for expert in self._experts if self._inactive[block_id] else self._active_hits:
-            expert.on_hit(block_id, key)
+        if self._inactive[block_id]:
+            # A touch (a match would have taken the block out of the order first): the host
+            # tier's re-offer of a block it holds. The shadows hear it too, or shadow LRU
+            # trails the real one (1,970 against 2,051 hits on one run) and the lead leaves it.
+            for shadow in self._shadows:
+                shadow.pool.touch((key,))
+            for expert in self._experts:
+                expert.on_hit(block_id, key)
+        else:
+            for expert in self._active_hits:
+                expert.on_hit(block_id, key)
 
     def on_link(self, block_id: int, parent_id: int) -> None:
         for expert in self._experts:
