@@ -6,23 +6,24 @@ conversations return after more traffic than the tier holds, ``arc`` in between,
 below LRU somewhere. This policy keeps every expert's order over the pool's blocks at once and
 evicts the block the current *lead* chooses (the others forget it as evicted, see
 ``EvictionPolicy.evict``). To know which expert would do best here, each expert also runs alone
-in a *shadow*: a ``BlockPool`` of the same size that holds keys only and sees the same
-releases and touches. A shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY`` per
-release (a memory of about a thousand requests), and the lead changes only when another
-expert's count beats it by more than ``Z`` standard deviations of noise, taking the larger of
-two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier where the
-experts hit alike on its default: behind a G1 tier, a paired test alone left LRU on evidence
-worth 0.2-0.8 % of hits and lost that much. The noise of the release-by-release differences
-(their decayed sum of squares; the shadows serve the same requests) catches what counts miss:
-a prefix hit comes in runs, one request matching many blocks at once, so a single lucky request
-never moves the lead on its own (a tier of 47 blocks flipped on one 17-block match under the
-Poisson test alone and fell to 0.42x LRU). Over ``benchmarks/replay.py``'s 46 runs the two
-together never fall below LRU; either alone does.
+in a *shadow*: a ``BlockPool`` of the same size that holds keys only and sees the same releases
+and touches. A shadow counts the prefix hits its expert would have had; the counts decay by
+``DECAY`` per release (a memory of about a thousand requests), and the lead changes only when
+another expert's count beats it by more than ``Z`` standard deviations of noise, taking the
+larger of two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier
+where the experts hit alike on its default: behind a G1 tier, a paired test alone left LRU on
+evidence worth 0.2-0.8 % of hits and lost that much. The noise of the release-by-release
+differences (their decayed sum of squares; the shadows serve the same requests) catches what
+counts miss: a prefix hit comes in runs, one request matching many blocks at once, so a single
+lucky request never moves the lead on its own (a tier of 47 blocks flipped on one 17-block match
+under the Poisson test alone and fell to 0.42x LRU). Over ``benchmarks/replay.py``'s 46 runs the
+two together never fall below LRU; either alone does.
 
 A release is taken as one request's chain, tail first (the pool's and vLLM's order). Where a
 release holds something else (the connector's host and disk tiers release one block at a time)
-a shadow's prefix hits are an estimate; the real pool's hits are unaffected. Cost: every hook runs in each
-expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per block.
+a shadow's prefix hits are an estimate; the real pool's hits are unaffected. Cost: every hook
+runs in each expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per
+block.
 """
 
 from __future__ import annotations
