@@ -121,8 +121,16 @@ def test_corrupt_disk_block_is_recomputed_not_served(tiny_model, tmp_path):
     assert h.leader.metrics.value("kvtier_checksum_failures") >= 1
     # The request was recomputed: every block of its prompt holds the right bytes.
     assert h.outputs["r1"] == h.outputs["r0"]
-    # Bad blocks are forgotten, so the next request does not try them again.
-    assert h.leader.g3.num_registered < 8
+    # Bad blocks are forgotten, so the next request does not try them again. (The tier may
+    # already hold the recomputed blocks again, written back while r1 ran: counting what is
+    # registered depended on timing and failed once in CI.)
+    h.drain()
+    failures = h.leader.metrics.value("kvtier_checksum_failures")
+    h.scheduler.reset_prefix_cache()
+    h.add("r2", p)
+    h.run()
+    assert h.leader.metrics.value("kvtier_checksum_failures") == failures
+    assert h.outputs["r2"] == h.outputs["r0"]
     h.assert_no_leaks()
 
 
