@@ -23,8 +23,8 @@ Replay speed: one replay per capacity of the whole Mooncake trace through the re
 (the general policy; every other policy at the smallest capacity), against a bare OrderedDict
 LRU (the data README's sanity script). Tiered: the same traces through the connector's own Leader, G1 (LRU, as
 vLLM's prefix cache) at 1 % of the working set and the host tier at 3 % and 10 %, where
-kvtier's policies actually run; and G1 + host (3 %) + disk (10 %), each policy in both lower
-tiers, where what the host tier keeps decides what reaches the disk.
+kvtier's policies actually run; and G1 + host + disk (3 % + 10 %, 10 % + 30 %), each policy in
+both lower tiers, where what the host tier keeps decides which disk blocks a match can reach.
 
 Prints tables, then one JSON object as the last stdout line.
 Usage: python benchmarks/replay.py [--quick] [--repeat N]
@@ -113,75 +113,57 @@ def traces(quick: bool) -> list[tuple[str, bool, object]]:
     return out
 
 
-def tiered(quick: bool) -> list[dict]:
-    """The connector's own tiers: G1 (vLLM's prefix cache, LRU) at 1 % of the working set and
-    the host tier, run by the real Leader, at 3 % and 10 % with each policy; the best G2
-    policy per run against G2 LRU on the total block hit ratio."""
-    out = []
-    print(f"{'tiered (G1 lru + G2)':<22} {'G2':>8} {'best':<12} {'x lru':>6}  all G2 policies")
+def stacked(quick: bool, part: str, title: str,
+            layouts: tuple[tuple[tuple[Tier, float], ...], ...]) -> list[dict]:
+    """The connector's own tiers, run by the real Leader: G1 (vLLM's prefix cache, LRU) at 1 %
+    of the working set above each layout of lower tiers (tier and size as a fraction of the
+    working set), each policy in every lower tier. Per run the best policy against LRU in them
+    on the total block hit ratio; then each policy's worst ratio to LRU over the runs."""
+    out: list[dict] = []
+    worst: dict[str, tuple[float, str]] = {}
+    print(f"{title:<22} {'sizes':>11} {'best':<12} {'x lru':>6}  all policies")
     for name, _tuned, trace in traces(quick):
         if name.endswith("_s1"):
             continue   # one seed per source keeps this part short
         unique = trace.num_unique_blocks
         longest = max(len(r.hash_ids) for r in trace.requests)
         g1 = max(longest, round(unique * 0.01))
-        for fraction in (0.03, TARGET_FRACTION):
-            g2 = max(longest, round(unique * fraction))
+        for layout in layouts:
+            sizes = [(tier, max(longest, round(unique * fraction))) for tier, fraction in layout]
             ratios = {}
             for policy in TIERED_POLICIES:
-                result = replay(trace, [TierSpec(Tier.G1, g1),
-                                        TierSpec(Tier.G2, g2, eviction=policy)], cost=COST)
-                ratios[policy] = result.total.block_hit_ratio
-            best = max(TIERED_POLICIES, key=ratios.get)
+                specs = [TierSpec(Tier.G1, g1)] + [TierSpec(tier, blocks, eviction=policy)
+                                                   for tier, blocks in sizes]
+                ratios[policy] = replay(trace, specs, cost=COST).total.block_hit_ratio
             lru = ratios["lru"]
-            vs_lru = ratios[best] / lru if lru else 1.0
-            print(f"{name:<22} {g2:>8} {best:<12} {vs_lru:6.2f}  "
+            vs_lru = {policy: value / lru if lru else 1.0 for policy, value in ratios.items()}
+            for policy, ratio in vs_lru.items():
+                if ratio < worst.get(policy, (float("inf"), ""))[0]:
+                    worst[policy] = (ratio, name)
+            best = max(TIERED_POLICIES, key=ratios.get)
+            shown = "/".join(str(blocks) for _, blocks in sizes)
+            print(f"{name:<22} {shown:>11} {best:<12} {vs_lru[best]:6.2f}  "
                   + " ".join(f"{p} {100 * v:.1f}%" for p, v in ratios.items()))
-            out.append({"metric": f"tiered_best_block_hit_ratio_{name}_g1_{g1}_g2_{g2}",
+            tag = "_".join(f"{tier.name.lower()}_{blocks}" for tier, blocks in sizes)
+            lower = " and ".join(tier.name.lower() for tier, _ in sizes)
+            out.append({"metric": f"{part}_best_block_hit_ratio_{name}_g1_{g1}_{tag}",
                         "value": ratios[best], "unit": "ratio",
-                        "baseline": f"g2 lru ({best} best)", "baseline_value": lru,
-                        "ratio": vs_lru})
-    return out
-
-
-def three_tiers(quick: bool) -> list[dict]:
-    """G1 (LRU) at 1 % of the working set, the host tier at 3 % and the disk tier at 10 %
-    (default admission), each policy in both lower tiers: a policy that keeps more in the
-    host tier changes what reaches the disk, so a win on one tier need not be a win here."""
-    out: list[dict] = []
-    worst: dict[str, tuple[float, str]] = {}
-    print(f"{'G1 lru + G2 + G3':<22} {'G2/G3':>11} {'best':<12} {'x lru':>6}  all policies")
-    for name, _tuned, trace in traces(quick):
-        if name.endswith("_s1"):
-            continue
-        unique = trace.num_unique_blocks
-        longest = max(len(r.hash_ids) for r in trace.requests)
-        g1, g2, g3 = (max(longest, round(unique * f)) for f in (0.01, 0.03, TARGET_FRACTION))
-        ratios = {}
-        for policy in TIERED_POLICIES:
-            result = replay(trace, [TierSpec(Tier.G1, g1),
-                                    TierSpec(Tier.G2, g2, eviction=policy),
-                                    TierSpec(Tier.G3, g3, eviction=policy)], cost=COST)
-            ratios[policy] = result.total.block_hit_ratio
-        best = max(TIERED_POLICIES, key=ratios.get)
-        lru = ratios["lru"]
-        for policy, value in ratios.items():
-            ratio = value / lru if lru else 1.0
-            if ratio < worst.get(policy, (float("inf"), ""))[0]:
-                worst[policy] = (ratio, name)
-        print(f"{name:<22} {f'{g2}/{g3}':>11} {best:<12} {ratios[best] / lru if lru else 1:6.2f}  "
-              + " ".join(f"{p} {100 * v:.1f}%" for p, v in ratios.items()))
-        out.append({"metric": f"three_tier_best_block_hit_ratio_{name}_g1_{g1}_g2_{g2}_g3_{g3}",
-                    "value": ratios[best], "unit": "ratio",
-                    "baseline": f"lru in g2 and g3 ({best} best)", "baseline_value": lru,
-                    "ratio": ratios[best] / lru if lru else 1.0})
-    print("three tiers, each policy's worst ratio to LRU: "
-          + ", ".join(f"{p} {r:.2f} ({where})" for p, (r, where) in worst.items()))
+                        "baseline": f"lru in {lower} ({best} best)", "baseline_value": lru,
+                        "ratio": vs_lru[best]})
+    print(f"{title}, each policy's worst ratio to LRU: "
+          + ", ".join(f"{p} {r:.3f} ({where})" for p, (r, where) in worst.items()))
     for policy, (ratio, where) in worst.items():
-        out.append({"metric": f"three_tier_policy_vs_lru_worst_{policy}", "value": ratio,
+        out.append({"metric": f"{part}_policy_vs_lru_worst_{policy}", "value": ratio,
                     "unit": "ratio", "baseline": f"lru (worst at {where})", "baseline_value": 1.0,
                     "ratio": ratio})
     return out
+
+
+# G1 + host, where kvtier's policies run behind vLLM's prefix cache; G1 + host + disk, where
+# what the host tier keeps decides which disk blocks a prefix match can still reach.
+HOST_LAYOUTS = (((Tier.G2, 0.03),), ((Tier.G2, TARGET_FRACTION),))
+HOST_DISK_LAYOUTS = (((Tier.G2, 0.03), (Tier.G3, TARGET_FRACTION)),
+                     ((Tier.G2, TARGET_FRACTION), (Tier.G3, 0.3)))
 
 
 def main() -> None:
@@ -280,8 +262,8 @@ def main() -> None:
                     "value": general_worst, "unit": "ratio", "baseline": "lru",
                     "baseline_value": 1.0, "ratio": general_worst})
 
-    results += tiered(args.quick)
-    results += three_tiers(args.quick)
+    results += stacked(args.quick, "tiered", "G1 lru + G2", HOST_LAYOUTS)
+    results += stacked(args.quick, "three_tier", "G1 lru + G2 + G3", HOST_DISK_LAYOUTS)
 
     trace, capacities = mooncake
     # The general policy at every capacity, every other policy at the smallest.

@@ -210,6 +210,7 @@ class Leader:
                           and Tier.G4 not in req.match_tiers)
         if not req.counted:
             req.counted = True
+            self._tell_tier_policies(req.hashes[start:limit])
             self.metrics.requested_tokens.inc(len(token_ids))
             self.metrics.queried_blocks.inc(max(limit - start, 0))
             self.metrics.skipped_onboards.inc(len(tiers) - decision.num_blocks)
@@ -477,9 +478,26 @@ class Leader:
             i += 1
         return tiers
 
+    def _tell_tier_policies(self, keys: Sequence[BlockKey]) -> None:
+        """Show a request's lookup to the host and disk tiers' policies with what the other
+        tier holds: a host block the disk holds too adds nothing to a match, one the disk
+        lacks may connect the match to the disk's blocks behind it."""
+        host = self.host if self.host is not None and self.host.caches else None
+        disk = self.disk
+        if not keys:
+            return
+        if host is not None:
+            host.pool.eviction.on_lookup(keys, disk.holds if disk is not None else _nowhere)
+        if disk is not None:
+            disk.pool.eviction.on_lookup(keys, host.holds if host is not None else _nowhere)
+
     def _cap_staging(self, tiers: list[Tier]) -> list[Tier]:
         """Cut a match where pinning its G2 sources and staging its disk/remote blocks would
         take more G2 slots than are free or evictable now (a few stay for offloads)."""
         if self.host is None or Tier.G3 not in tiers and Tier.G4 not in tiers:
             return tiers
         return tiers[:self.host.staging_room()]
+
+
+def _nowhere(key: BlockKey) -> bool:
+    return False

@@ -9,7 +9,8 @@ import pytest
 from policy_cases import hits, make_trace, order_of_one_time_blocks
 
 from kvtier.pools import BlockPool
-from kvtier.pools.dueling import DuelingEviction
+from kvtier.pools.dueling import DuelingEviction, _Shadow
+from kvtier.replay.simulator import CostModel, TierSpec, replay
 from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
 
@@ -166,3 +167,53 @@ def test_one_expert_alone_evicts_exactly_as_that_policy(expert):
     alone = type("OneExpert", (DuelingEviction,), {"EXPERTS": (expert,)})
     assert concurrent_chats(BlockPool(Tier.G2, 20, eviction=expert),
                             BlockPool(Tier.G2, 20, eviction=alone(20))) > 100
+
+
+def lead_with_lookups(trace: Trace, capacity: int, served_elsewhere) -> str:
+    """The lead after serving ``trace`` from one pool whose requests are first shown to the
+    policy as lookups (as the leader shows its host and disk tiers')."""
+    policy = DuelingEviction(capacity)
+    shadow = _Shadow.__new__(_Shadow)
+    shadow.pool = BlockPool(Tier.G2, capacity, eviction=policy)
+    for request in trace.requests:
+        chain = list(request.hash_ids)
+        policy.on_lookup(chain, served_elsewhere)
+        shadow.request(chain, [0] * len(chain))
+    return policy.lead
+
+
+def test_lookups_score_the_whole_stack_s_reach():
+    trace, capacity = hot_and_scans(), 10
+    nowhere = frozenset().__contains__
+    # The control: alone, the scan-resistant experts win by keeping the hot prefix 1-4.
+    assert lead_with_lookups(trace, capacity, nowhere) != "lru"
+    # Another tier holds the whole hot prefix: keeping it here adds nothing, and the hits
+    # the shadows have at release time no longer count either.
+    assert lead_with_lookups(trace, capacity, frozenset({1, 2, 3, 4}).__contains__) == "lru"
+    # It holds all but the head: a match reaches the rest only through this tier's copy of
+    # block 1, so keeping it is worth the whole prefix.
+    assert lead_with_lookups(trace, capacity, frozenset({2, 3, 4}).__contains__) != "lru"
+
+
+class LookupRecorder(DuelingEviction):
+    """dueling that keeps what each lookup was told."""
+
+    lookups: ClassVar[list[list[bool]]] = []
+
+    def on_lookup(self, keys, served_elsewhere) -> None:
+        self.lookups.append([served_elsewhere(key) for key in keys])
+        super().on_lookup(keys, served_elsewhere)
+
+
+def test_the_leader_shows_each_lookup_to_the_host_tier_with_what_the_disk_holds():
+    # 30 users send the same 6-block prompt three times; the disk (admitting from the second
+    # offer) holds the third round's prompts, the host tier (40 blocks) few of them.
+    trace = make_trace([[u * 100 + i for i in range(6)] for _ in range(3) for u in range(30)])
+    LookupRecorder.lookups.clear()
+    replay(trace, [TierSpec(Tier.G1, 8),
+                   TierSpec(Tier.G2, 40, eviction=f"{__name__}.LookupRecorder"),
+                   TierSpec(Tier.G3, 200)], cost=CostModel(bytes_per_token=1))
+    lookups = LookupRecorder.lookups
+    assert 60 <= len(lookups) <= len(trace.requests)   # one per request past G1's prefix
+    on_disk = [held for lookup in lookups for held in lookup]
+    assert any(on_disk) and not all(on_disk)

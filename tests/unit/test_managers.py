@@ -111,3 +111,29 @@ def test_low_retention_priority_blocks_leave_the_host_tier_first():
     offload("new", 300, priority=90)              # needs a slot: the low-priority one goes
     assert leader.match("a", kept, 0) == BT
     assert leader.match("b", dropped, 0) == 0
+
+
+def test_a_host_hit_keeps_the_disk_copy_recent(tmp_path):
+    # The disk copy of a block the host tier serves must not age out as if nobody used it: once
+    # the host evicts the block, the disk is what still serves it.
+    leader = make(host_cache_blocks=8, disk_cache_blocks=2, disk_dir=str(tmp_path))
+
+    def offload(req_id, tokens):
+        leader.match(req_id, tokens, 0)
+        leader.progress(req_id, tokens, len(tokens), [1])
+        leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().stores.op_ids)))
+        leader.on_report(WorkerReport(ops_ok=list(leader.take_plan().disk_writes.op_ids)))
+        leader.finish(req_id)
+
+    used, unused = list(range(100, 100 + BT + 1)), list(range(200, 200 + BT + 1))
+    offload("used", used)          # the older disk block
+    offload("unused", unused)
+    assert leader.match("again", used, 0) == BT
+    assert leader.found_tiers("again") == [Tier.G2]
+    leader.begin_onboard("again", [5, 6], BT)
+    (load,) = leader.take_plan().loads
+    leader.on_report(WorkerReport(loads=[LoadResult("again", [], [], op_id=load.op_id)]))
+    leader.finish("again")
+    offload("new", list(range(300, 300 + BT + 1)))   # the 2-slot disk evicts one block
+    assert load.keys[0] in leader.g3, "the disk kept the block the host served"
+    assert leader.g3.num_registered == 2

@@ -65,6 +65,9 @@ class Loads:
         # host block, and it must not be one this load is about to pin.
         host_pins = {i: self.host.pin(keys[i]) for i in range(min(num_blocks, len(tiers)))
                      if tiers[i] is Tier.G2}
+        if self.disk is not None and host_pins:
+            for i in host_pins:
+                self.disk.pool.touch((keys[i],))
         for i in range(num_blocks):
             key, tier = (keys[i], tiers[i]) if i < len(tiers) else (0, None)
             g2_slot = g3_slot = None

@@ -19,16 +19,23 @@ lucky request never moves the lead on its own (a tier of 47 blocks flipped on on
 under the Poisson test alone and fell to 0.42x LRU). Over ``benchmarks/replay.py``'s 46 runs the
 two together never fall below LRU; either alone does.
 
-A release is taken as one request's chain, tail first (the pool's and vLLM's order). Where a
-release holds something else (the connector's host and disk tiers release one block at a time)
-a shadow's prefix hits are an estimate; the real pool's hits are unaffected. Cost: every hook
+A release is taken as one request's chain, tail first (the pool's and vLLM's order), and a
+shadow's hits are its prefix match. The connector's host and disk tiers release one block at a
+time, so there the leader shows each request's lookup instead (``on_lookup``): an expert
+scores how far the match would reach with its shadow as this tier and the *other* tier as it
+is (a miss in both ends the match). A host block the disk holds too is then worth nothing,
+and one the disk lacks is worth every disk block behind it it connects: in a G1 + host + disk
+stack, scoring by the host tier's own hits made the lead leave LRU for experts that keep what
+the disk keeps, and the stack lost up to 13 % of its hits to LRU's; scored by reach it never
+falls below LRU there (``benchmarks/replay.py``). From the first lookup on, releases only feed
+the shadows. Cost: every hook
 runs in each expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per
 block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.pools.block_pool import BlockPool
 from kvtier.pools.eviction import EvictionPolicy, make_eviction_policy, register_policy
@@ -84,6 +91,7 @@ class DuelingEviction(EvictionPolicy):
         self._lead = 0
         self._active_hits = [expert for expert in self._experts if expert.hits_while_active]
         self._inactive = bytearray(num_blocks)  # 1 while the block is in the eviction order
+        self._scores_lookups = False  # True once the leader reports lookups (on_lookup)
 
     @property
     def lead(self) -> str:
@@ -97,7 +105,9 @@ class DuelingEviction(EvictionPolicy):
                         priority_of: Sequence[int]) -> None:
         chain = [key_of[b] for b in reversed(block_ids)]
         priorities = [priority_of[b] for b in reversed(block_ids)]
-        self.score_release([shadow.request(chain, priorities) for shadow in self._shadows])
+        got = [shadow.request(chain, priorities) for shadow in self._shadows]
+        if not self._scores_lookups:
+            self.score_release(got)
         inactive = self._inactive
         for block_id in block_ids:
             inactive[block_id] = 1
@@ -118,6 +128,25 @@ class DuelingEviction(EvictionPolicy):
         noise = max(hits[best] + hits[lead], spread[best][lead]) ** 0.5
         if hits[best] - hits[lead] > self.Z * noise:
             self._lead = best
+
+    def on_lookup(self, keys: Sequence[BlockKey],
+                  served_elsewhere: Callable[[BlockKey], bool]) -> None:
+        """Score each expert by how far this request's match would reach with its shadow as
+        this tier (module doc); from the first lookup on, releases only feed the shadows."""
+        self._scores_lookups = True
+        elsewhere: list[bool] = []
+        got = []
+        for shadow in self._shadows:
+            held = shadow.pool
+            reach = 0
+            for key in keys:
+                if reach == len(elsewhere):
+                    elsewhere.append(served_elsewhere(key))
+                if not (elsewhere[reach] or key in held):
+                    break
+                reach += 1
+            got.append(reach)
+        self.score_release(got)
 
     def on_remove(self, block_id: int) -> None:
         self._inactive[block_id] = 0

@@ -22,7 +22,7 @@ import abc
 import bisect
 import importlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from kvtier.errors import ConfigError
@@ -84,6 +84,14 @@ class EvictionPolicy(abc.ABC):
     def on_unlink(self, block_id: int) -> None:
         """Block ``block_id`` lost its key by discard or clear (it may be active or
         inactive; an inactive one also gets ``on_remove``). Not called for victims."""
+
+    def on_lookup(self, keys: Sequence[BlockKey],
+                  served_elsewhere: Callable[[BlockKey], bool]) -> None:
+        """Optional: a request looks for ``keys`` (head first, past the device's prefix) in
+        this pool's tier and the tiers beside it; ``served_elsewhere(key)``: another of them
+        holds ``key``. Prefix matching stops at the first key none holds, so a policy that
+        judges what it keeps by the whole stack's hits can count them here. Called once per
+        request, by the connector's leader, for its host and disk tiers."""
 
     @abc.abstractmethod
     def victim(self) -> int | None:
