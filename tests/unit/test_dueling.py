@@ -120,7 +120,7 @@ def test_shadows_hear_touches():
     pool.complete([slot])
     pool.release(pool.register([slot], [b"c"]))
     assert b"a" in pool and b"b" not in pool
-    shadow_lru = policy._shadows[0].pool
+    shadow_lru = policy._shadows[0].registry
     assert b"a" in shadow_lru and b"b" not in shadow_lru
 
 
@@ -169,16 +169,52 @@ def test_one_expert_alone_evicts_exactly_as_that_policy(expert):
                             BlockPool(Tier.G2, 20, eviction=alone(20))) > 100
 
 
+def serve(pool: BlockPool, chain: list, priorities: list[int]) -> int:
+    """Serve ``chain`` from ``pool`` as the replay serves its device tier: match the prefix,
+    register the rest that fits, release tail first. Returns the prefix hits."""
+    held = pool.match(chain)
+    hits = len(held)
+    room = min(len(chain) - hits, pool.num_free + pool.num_inactive)
+    if room:
+        fresh = pool.allocate(room)
+        pool.complete(fresh)
+        held += pool.register(fresh, chain[hits:hits + room],
+                              parent=chain[hits - 1] if hits else None,
+                              priority=priorities[hits:hits + room])
+    pool.release(held[::-1])
+    return hits
+
+
+@pytest.mark.parametrize("expert", DuelingEviction.EXPERTS)
+def test_a_shadow_hits_and_keeps_exactly_what_a_block_pool_would(expert):
+    # The shadow is a lean copy of the pool's bookkeeping: same hooks, same order, no states.
+    rng = random.Random(11)
+    shadow, pool = _Shadow(expert, 24), BlockPool(Tier.G2, 24, eviction=expert)
+    turns = [0] * 9
+    for _ in range(700):
+        user = rng.randrange(len(turns))
+        turns[user] += 1
+        chain = [-1, -2] + [user * 1000 + i for i in range(1 + 2 * turns[user])][-10:]
+        if rng.random() < 0.3:
+            chain = chain[rng.randrange(len(chain)):][:1]     # a host tier's single release
+        priorities = [rng.choice((10, 50, 100)) for _ in chain]
+        assert shadow.request(chain, priorities) == serve(pool, chain, priorities)
+        if rng.random() < 0.2:
+            touched = rng.choice(chain)
+            shadow.touch(touched)
+            pool.touch([touched])
+        assert set(shadow.registry) == {k for k in range(-2, 9000) if k in pool}
+
+
 def lead_with_lookups(trace: Trace, capacity: int, served_elsewhere) -> str:
     """The lead after serving ``trace`` from one pool whose requests are first shown to the
     policy as lookups (as the leader shows its host and disk tiers')."""
     policy = DuelingEviction(capacity)
-    shadow = _Shadow.__new__(_Shadow)
-    shadow.pool = BlockPool(Tier.G2, capacity, eviction=policy)
+    pool = BlockPool(Tier.G2, capacity, eviction=policy)
     for request in trace.requests:
         chain = list(request.hash_ids)
         policy.on_lookup(chain, served_elsewhere)
-        shadow.request(chain, [0] * len(chain))
+        serve(pool, chain, [0] * len(chain))
     return policy.lead
 
 

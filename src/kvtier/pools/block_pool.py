@@ -25,13 +25,17 @@ intrusive (next/prev lists with a sentinel), so the hot operations create no per
 from __future__ import annotations
 
 import enum
-import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from kvtier.errors import BlockStateError
 from kvtier.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EventBuffer
-from kvtier.pools.eviction import MAX_PRIORITY, EvictionPolicy, make_eviction_policy
+from kvtier.pools.eviction import (
+    MAX_PRIORITY,
+    EvictionPolicy,
+    insert_batch_hook,
+    make_eviction_policy,
+)
 from kvtier.tiers import BlockKey, Tier
 
 __all__ = ["MAX_PRIORITY", "BlockPool", "BlockState"]
@@ -48,11 +52,6 @@ class BlockState(enum.IntEnum):
 _RESET, _PARTIAL, _COMPLETE, _REGISTERED = 0, 1, 2, 3
 _REGISTERING = -1  # transient mark inside register(); never visible outside it
 _KEY_TYPES = frozenset({int, bytes})  # BlockKey, exactly (the hasher makes Python ints/bytes)
-
-
-def _defined_in(cls: type, name: str) -> type | None:
-    """The class in ``cls``'s MRO whose body defines ``name``."""
-    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
 
 
 class BlockPool:
@@ -77,10 +76,7 @@ class BlockPool:
         self._wants_misses = policy_cls.on_miss is not EvictionPolicy.on_miss
         self._wants_links = policy_cls.on_link is not EvictionPolicy.on_link
         self._wants_unlinks = policy_cls.on_unlink is not EvictionPolicy.on_unlink
-        if _defined_in(policy_cls, "on_insert_batch") is _defined_in(policy_cls, "on_insert"):
-            self._insert_batch = eviction.on_insert_batch
-        else:
-            self._insert_batch = functools.partial(EvictionPolicy.on_insert_batch, eviction)
+        self._insert_batch = insert_batch_hook(eviction)
 
         self._state = [_RESET] * num_blocks
         self._ref = [0] * num_blocks

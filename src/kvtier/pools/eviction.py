@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import functools
 import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -108,6 +109,18 @@ class EvictionPolicy(abc.ABC):
     @abc.abstractmethod
     def __len__(self) -> int:
         """Number of evictable blocks the policy holds."""
+
+
+def insert_batch_hook(policy: EvictionPolicy) -> Callable[..., None]:
+    """The ``on_insert_batch`` a pool may call for ``policy``: its own override only when the
+    class that defines it also defines ``on_insert`` (so a subclass that changes ``on_insert``
+    alone is never bypassed), else the base class's per-block loop."""
+    def defined_in(name: str) -> type | None:
+        return next((klass for klass in type(policy).__mro__ if name in vars(klass)), None)
+
+    if defined_in("on_insert_batch") is defined_in("on_insert"):
+        return policy.on_insert_batch
+    return functools.partial(EvictionPolicy.on_insert_batch, policy)
 
 
 # Built-in policies beyond this module register when their modules are imported.
