@@ -23,10 +23,10 @@ raises ``TransferError`` and changes nothing.
 Checksums (``block_format``) ride along when the caller names the blocks' keys: an offload with
 ``keys`` stamps each slot's header, and ``to_device_verified`` checks each slot against its key
 before the engine may use it; a slot that fails is reported and recomputed by the engine. On CPU
-both happen run by run inside the copy loop, so the checksum reads bytes the copy has just
-written (offload) or is about to read (onboard) while they are in cache: the extra pass costs
-cache bandwidth, not a second trip through memory (a block whose checksum fails at its last run
-is zeroed on the device). On CUDA the host side is checksummed before each chunk's DMA (onboard:
+both happen inside the copy loop, so the checksum reads bytes the copy has just written (into
+the slot on offload, onto the device on onboard) while they are in cache: the extra pass costs
+cache bandwidth, not a second trip through memory (a block whose checksum fails at its last
+piece is zeroed on the device). On CUDA the host side is checksummed before each chunk's DMA (onboard:
 a failing slot is never copied) or after the copy lands (offload).
 """
 
@@ -55,9 +55,9 @@ from kvtier.tiers import BlockKey
 
 _memmove = ctypes.memmove
 
-# Checked copies hash each block's payload in runs of this many bytes with one streaming xxh3 per
-# block (the same digest as one call): an offload right after the copy wrote the run, an onboard
-# right before the copy reads it, so the run is in L2 for the second pass either way.
+# Checked copies hash each block's payload with one streaming xxh3 per block (the same digest as
+# one call) right after copying it, while it is in L2: an offload in runs of this many bytes of
+# the arena slot, an onboard piece by piece where the pieces landed on the device.
 _STAMP_RUN_BYTES = 256 << 10
 
 # CPU copies of at least this many bytes are split over ``copy_threads`` threads: one thread
@@ -388,13 +388,14 @@ class _CpuCopier:
     def to_device_verified(self, slots: np.ndarray, blocks: np.ndarray,
                            keys: Sequence[BlockKey], fingerprint: int,
                            check: Sequence[bool] | None) -> list[int]:
-        """Per block: check the header, then checksum the payload run by run, copying each run
-        out right after hashing it (so the copy reads it from cache, not memory: one trip
-        through memory instead of two). A block whose header does not match is not copied; one
-        whose payload checksum does not match is zeroed on the device once the last run is in.
-        Either way it is reported, and the engine recomputes it before any token attends to
-        it. Returns the failed batch indices."""
-        _, _, _, lengths, runs = self._stamp_pieces()
+        """Per block: check the header, then copy the payload piece by piece and checksum each
+        piece where it landed, while it is still in cache (hashing the slot before the copy
+        read it from memory in a pass of its own: 4.7 against 5.7 GB/s here, the plain copy
+        6.7). What is checked is what the engine will read. A block whose header does not match
+        is not copied; one whose payload checksum does not match is zeroed on the device once
+        its last piece is in. Either way it is reported, and the engine recomputes it before
+        any token attends to it. Returns the failed batch indices."""
+        _, _, _, lengths, _ = self._stamp_pieces()
         num_pieces = len(lengths)
         dev, host = self._piece_addresses(blocks, slots)
         slot_list = slots.tolist()
@@ -402,6 +403,9 @@ class _CpuCopier:
         slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
         memmove, memset = _memmove, ctypes.memset
         bad: list[int] = []
+
+        def landed(address: int, size: int):
+            return (ctypes.c_char * size).from_address(address)
 
         def work(first: int, stop: int) -> None:
             digest = xxhash.xxh3_64()
@@ -420,10 +424,9 @@ class _CpuCopier:
                     bad.append(j)
                     continue
                 digest.reset()
-                for piece, end, lo, hi in runs:
-                    digest.update(arena[payload + lo:payload + hi])
-                    for k in range(at + piece, at + end):
-                        memmove(dev[k], host[k], lengths[k - at])
+                for k in range(at, at + num_pieces):
+                    memmove(dev[k], host[k], lengths[k - at])
+                    digest.update(landed(dev[k], lengths[k - at]))
                 if digest.intdigest() != want:
                     for k in range(at, at + num_pieces):
                         memset(dev[k], 0, lengths[k - at])
