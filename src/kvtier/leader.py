@@ -482,10 +482,10 @@ class Leader:
         """Show a request's lookup to the host and disk tiers' policies with what the other
         tier holds: a host block the disk holds too adds nothing to a match, one the disk
         lacks may connect the match to the disk's blocks behind it."""
-        host = self.host if self.host is not None and self.host.caches else None
-        disk = self.disk
         if not keys:
             return
+        host = self.host if self.host is not None and self.host.caches else None
+        disk = self.disk
         if host is not None:
             host.pool.eviction.on_lookup(keys, disk.holds if disk is not None else _nowhere)
         if disk is not None:

@@ -65,7 +65,9 @@ class Loads:
         # host block, and it must not be one this load is about to pin.
         host_pins = {i: self.host.pin(keys[i]) for i in range(min(num_blocks, len(tiers)))
                      if tiers[i] is Tier.G2}
-        if self.disk is not None and host_pins:
+        if self.disk is not None:
+            # The disk copy of a block the host serves is in use too: without this it ages out
+            # as unused, and once the host evicts the block nobody serves it.
             for i in host_pins:
                 self.disk.pool.touch((keys[i],))
         for i in range(num_blocks):
