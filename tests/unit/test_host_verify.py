@@ -17,6 +17,7 @@ from kvtier.layout import DeviceKV
 from kvtier.leader import Leader
 from kvtier.protocol import NO_SLOT, LoadOp, StepPlan, TierLayout
 from kvtier.storage import faults
+from kvtier.storage.host import HostArena
 from kvtier.transfer import copy_device_to_host, copy_host_to_device
 from kvtier.transfer.copy import verify_slots
 from kvtier.worker import Worker
@@ -33,11 +34,11 @@ def make_kv(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
             .view(torch.bfloat16) for n in NAMES}
 
 
-def device_block(kv: dict[str, torch.Tensor], block: int) -> bytes:
+def device_block(kv: dict[str, torch.Tensor], block: int, num_blocks: int = NB) -> bytes:
     """Block ``block``'s bytes in payload order (layers, K before V), read from the tensors."""
     parts = []
     for t in kv.values():
-        halves = [t[block]] if t.shape[0] == NB else [t[0, block], t[1, block]]
+        halves = [t[block]] if t.shape[0] == num_blocks else [t[0, block], t[1, block]]
         parts.extend(h.contiguous().view(torch.uint8).numpy().tobytes() for h in halves)
     return b"".join(parts)
 
@@ -290,3 +291,33 @@ def test_new_fault_points_refuse_unknown_kinds():
         faults.arm_spec("host.load:zero")
     with pytest.raises(ConfigError, match="onboard.bypass"):
         faults.arm("onboard.bypass", "flip")
+
+
+@pytest.mark.parametrize("where", ["first", "run_edge", "last"])
+def test_a_flip_anywhere_in_a_many_run_payload_fails_only_its_block(where):
+    """vLLM-sized layers (64 KiB each, a 512 KiB payload): the checked copies work in runs of
+    the slot, so a flipped byte in any run (the first byte, the first byte of the second run,
+    the last byte) must fail its block, and only it; the other blocks land intact."""
+    gen = torch.Generator().manual_seed(1)
+    kv = {f"model.layers.{i}.self_attn.attn":
+          torch.randint(-2**15, 2**15, (8, 8, 16, 256), dtype=torch.int16, generator=gen)
+          .view(torch.bfloat16) for i in range(8)}
+    dev = DeviceKV.from_tensors(kv, 16)
+    arena = HostArena(4, dev.geometry, pin=False)
+    try:
+        fingerprint = dev.geometry.fingerprint()
+        keys = KEYS[:4]
+        copy_device_to_host(dev, [0, 1, 2, 3], arena, [0, 1, 2, 3], keys=keys,
+                            fingerprint=fingerprint)
+        payload = arena.payload(2)
+        assert payload.size == 8 * 64 * 1024
+        position = {"first": 0, "run_edge": 256 * 1024 - 64, "last": payload.size - 1}[where]
+        payload[position] ^= 0x01
+        bad = copy_host_to_device(arena, [0, 1, 2, 3], dev, [4, 5, 6, 7], keys=keys,
+                                  fingerprint=fingerprint)
+        assert bad == [2]
+        for src, dst in ((0, 4), (1, 5), (3, 7)):
+            assert device_block(kv, dst, 8) == device_block(kv, src, 8)
+        assert set(device_block(kv, 6, 8)) == {0}  # zeroed, never half the block
+    finally:
+        arena.close()
