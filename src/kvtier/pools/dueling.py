@@ -75,6 +75,8 @@ class _Shadow:
 
     def request(self, chain: Sequence[BlockKey], priorities: Sequence[int]) -> int:
         """Serve ``chain`` (head first); returns the prefix hits."""
+        if len(chain) == 1:
+            return self.one(chain[0], priorities[0])
         policy, registry = self.policy, self.registry
         hits_too = self._hits_too and policy.hits_while_active
         held: list[int] = []
@@ -129,6 +131,36 @@ class _Shadow:
         self._insert_batch(held, self._key, self._priority)
         return hits
 
+    def one(self, key: BlockKey, priority: int) -> int:
+        """``request`` for a chain of one block, the host and disk tiers' every release (they
+        release block by block): the same hooks in the same order, without the bookkeeping of
+        a chain (a third of ``dueling``'s time in a host tier)."""
+        policy, registry = self.policy, self.registry
+        block_id = registry.get(key)
+        if block_id is not None:
+            policy.on_remove(block_id)
+            if self._hits_too and policy.hits_while_active:
+                policy.on_hit(block_id, key)
+            policy.on_insert(block_id, key, self._priority[block_id])
+            return 1
+        if self._misses:
+            policy.on_miss(key)
+        free = self._free
+        if free:
+            block_id = free.popleft()
+        elif registry:
+            block_id = policy.victim()
+            del registry[self._key[block_id]]
+        else:
+            return 0   # a cache of no blocks
+        registry[key] = block_id
+        self._key[block_id] = key
+        self._priority[block_id] = priority
+        if self._links:
+            policy.on_link(block_id, -1)
+        policy.on_insert(block_id, key, priority)
+        return 0
+
     def touch(self, key: BlockKey) -> None:
         """A hit on an inactive block without a request (the host tier's re-offer)."""
         block_id = self.registry.get(key)
@@ -170,6 +202,17 @@ class DuelingEviction(EvictionPolicy):
 
     def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
                         priority_of: Sequence[int]) -> None:
+        if len(block_ids) == 1:
+            # The host and disk tiers' release, block by block: the shortest path.
+            block_id = block_ids[0]
+            key, priority = key_of[block_id], priority_of[block_id]
+            got = [shadow.one(key, priority) for shadow in self._shadows]
+            if not self._scores_lookups:
+                self.score_release(got)
+            self._inactive[block_id] = 1
+            for expert in self._experts:
+                expert.on_insert(block_id, key, priority)
+            return
         chain = [key_of[b] for b in reversed(block_ids)]
         priorities = [priority_of[b] for b in reversed(block_ids)]
         got = [shadow.request(chain, priorities) for shadow in self._shadows]
