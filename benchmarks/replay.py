@@ -24,7 +24,9 @@ Replay speed: one replay per capacity of the whole Mooncake trace through the re
 LRU (the data README's sanity script). Tiered: the same traces through the connector's own Leader, G1 (LRU, as
 vLLM's prefix cache) at 1 % of the working set and the host tier at 3 % and 10 %, where
 kvtier's policies actually run; and G1 + host + disk (3 % + 10 %, 10 % + 30 %), each policy in
-both lower tiers, where what the host tier keeps decides which disk blocks a match can reach.
+both lower tiers, where what the host tier keeps decides which disk blocks a match can reach;
+both with ``default`` too (each tier's default policy, as a user gets it) and each policy's
+replay CPU time against LRU's (the leader's cost).
 
 Prints tables, then one JSON object as the last stdout line.
 Usage: python benchmarks/replay.py [--quick] [--repeat N]
@@ -117,8 +119,10 @@ def stacked(quick: bool, part: str, title: str,
             layouts: tuple[tuple[tuple[Tier, float], ...], ...]) -> list[dict]:
     """The connector's own tiers, run by the real Leader: G1 (vLLM's prefix cache, LRU) at 1 %
     of the working set above each layout of lower tiers (tier and size as a fraction of the
-    working set), each policy in every lower tier. Per run the best policy against LRU in them
-    on the total block hit ratio; then each policy's worst ratio to LRU over the runs."""
+    working set), each policy in every lower tier, and ``default`` (each tier's default policy,
+    what a user gets). Per run the best policy against LRU in them on the total block hit
+    ratio; then each policy's worst ratio to LRU over the runs, and what each costs: its
+    replay's CPU time against LRU's on the first trace's first layout."""
     out: list[dict] = []
     worst: dict[str, tuple[float, str]] = {}
     print(f"{title:<22} {'sizes':>11} {'best':<12} {'x lru':>6}  all policies")
@@ -130,11 +134,17 @@ def stacked(quick: bool, part: str, title: str,
         g1 = max(longest, round(unique * 0.01))
         for layout in layouts:
             sizes = [(tier, max(longest, round(unique * fraction))) for tier, fraction in layout]
-            ratios = {}
-            for policy in TIERED_POLICIES:
-                specs = [TierSpec(Tier.G1, g1)] + [TierSpec(tier, blocks, eviction=policy)
-                                                   for tier, blocks in sizes]
-                ratios[policy] = replay(trace, specs, cost=COST).total.block_hit_ratio
+            ratios, seconds, runs = {}, {}, {}
+            for policy in (*TIERED_POLICIES, "default"):
+                specs = [TierSpec(Tier.G1, g1)] + [
+                    TierSpec(tier, blocks, eviction=None if policy == "default" else policy)
+                    for tier, blocks in sizes]
+                per_tier = tuple(spec.eviction for spec in specs[1:])
+                if per_tier not in runs:   # the default may be a policy already run
+                    start = time.process_time()
+                    runs[per_tier] = replay(trace, specs, cost=COST).total.block_hit_ratio
+                    seconds[policy] = time.process_time() - start
+                ratios[policy] = runs[per_tier]
             lru = ratios["lru"]
             vs_lru = {policy: value / lru if lru else 1.0 for policy, value in ratios.items()}
             for policy, ratio in vs_lru.items():
@@ -150,6 +160,16 @@ def stacked(quick: bool, part: str, title: str,
                         "value": ratios[best], "unit": "ratio",
                         "baseline": f"lru in {lower} ({best} best)", "baseline_value": lru,
                         "ratio": vs_lru[best]})
+            if not any(row["metric"].startswith(f"{part}_replay_cpu_seconds") for row in out):
+                # What each policy costs the leader, on the first (the largest) trace.
+                seconds["default"] = seconds.get("default") or seconds[specs[1].eviction]
+                print(f"{name} {shown}: replay CPU time "
+                      + ", ".join(f"{p} {t:.1f} s" for p, t in seconds.items()))
+                for policy, spent in seconds.items():
+                    out.append({"metric": f"{part}_replay_cpu_seconds_{policy}_{name}_{tag}",
+                                "value": round(spent, 2), "unit": "s", "baseline": "lru",
+                                "baseline_value": round(seconds["lru"], 2),
+                                "ratio": round(spent / seconds["lru"], 2)})
     print(f"{title}, each policy's worst ratio to LRU: "
           + ", ".join(f"{p} {r:.3f} ({where})" for p, (r, where) in worst.items()))
     for policy, (ratio, where) in worst.items():

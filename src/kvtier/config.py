@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.tiers import Tier
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -156,6 +157,13 @@ KVBM_ALIASES = {
 
 # Keys an engine passes in its extra-config that belong to the engine or other connectors.
 _IGNORED_EXTRA_KEYS = frozenset({"kv_connector", "kv_role"})
+
+
+def default_eviction_policy(tier: Tier) -> str:
+    """What a tier evicts by unless told: the host and disk tiers' defaults above; LRU for G1
+    (vLLM's prefix cache) and G4 (the remote store keeps its own order)."""
+    return {Tier.G2: KvtierConfig.host_eviction_policy,
+            Tier.G3: KvtierConfig.disk_eviction_policy}.get(tier, "lru")
 
 
 def load_config(extra: Mapping[str, Any] | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli.replay import main as replay_main
+from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError, TraceError
 from kvtier.replay import (
     ALL_POLICIES,
@@ -281,6 +282,17 @@ def test_lower_tiers_are_the_connectors_leader():
     assert by_tier[Tier.G4].blocks_hit > 0   # found through the leader's probes of the store
     assert not leader.busy
     leader.check_invariants()
+
+
+def test_a_tier_without_a_policy_runs_the_connector_s_default():
+    # What a user gets without choosing, so `kvtier replay` and the benchmark predict it.
+    defaults = KvtierConfig()
+    sim = ReplaySimulator([TierSpec(Tier.G1, 30), TierSpec(Tier.G2, 40), TierSpec(Tier.G3, 60)],
+                          block_tokens=16, cost=COST)
+    assert [pool.eviction.name for pool in sim.pools] == [
+        "lru", defaults.host_eviction_policy, defaults.disk_eviction_policy]
+    assert sim.leader.g2.eviction.name == defaults.host_eviction_policy
+    assert sim.leader.g3.eviction.name == defaults.disk_eviction_policy
 
 
 def test_disk_admission_gates_writes():

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 
+from kvtier.config import default_eviction_policy
 from kvtier.errors import KvtierError
 from kvtier.tiers import Tier
 
@@ -84,8 +85,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         low = tier.name.lower()
         tiers.add_argument(f"--{low}", metavar="SIZE",
                            help=f"{tier.name} ({what}) capacity: blocks or bytes (16GB)")
-        tiers.add_argument(f"--{low}-policy", default="lru", metavar="NAME",
-                           help=f"{tier.name} eviction policy (default lru)")
+        tiers.add_argument(f"--{low}-policy", default=None, metavar="NAME",
+                           help=f"{tier.name} eviction policy (default: the connector's, "
+                                f"{default_eviction_policy(tier)})")
         if tier != Tier.G1:
             tiers.add_argument(f"--{low}-admission", default=None, metavar="NAME",
                                help=f"{tier.name} admission policy: always, frequency, tinylfu, "

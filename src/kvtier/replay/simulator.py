@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 # Importing registers the extra eviction policies and the tinylfu admission policy by name.
 import kvtier.offload.tinylfu
-from kvtier.config import KvtierConfig
+from kvtier.config import KvtierConfig, default_eviction_policy
 from kvtier.errors import ConfigError
 from kvtier.leader import Leader
 from kvtier.managers.disk import disk_admission_policy
@@ -65,11 +65,13 @@ class TierSpec:
 
     tier: Tier
     num_blocks: int
-    eviction: str = "lru"
+    eviction: str | None = None  # None: the connector's default for the tier
     admission: str | None = None  # None: DEFAULT_ADMISSION; G1 always takes computed blocks
     read_gbps: float | None = None  # None: DEFAULT_READ_GBPS (G1: not read)
 
     def __post_init__(self) -> None:
+        if self.eviction is None:
+            object.__setattr__(self, "eviction", default_eviction_policy(self.tier))
         if self.num_blocks < 1:
             raise ConfigError(f"{self.tier.name}: num_blocks={self.num_blocks} must be >= 1")
         if self.read_gbps is not None and not self.read_gbps > 0:
