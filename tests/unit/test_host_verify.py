@@ -309,9 +309,11 @@ def test_a_flip_anywhere_in_a_many_run_payload_fails_only_its_block(where):
         keys = KEYS[:4]
         copy_device_to_host(dev, [0, 1, 2, 3], arena, [0, 1, 2, 3], keys=keys,
                             fingerprint=fingerprint)
+        for slot, key in enumerate(keys):   # the digest of the whole payload, as stamped
+            assert arena.check(slot, key, fingerprint) is None
         payload = arena.payload(2)
         assert payload.size == 8 * 64 * 1024
-        position = {"first": 0, "run_edge": 256 * 1024 - 64, "last": payload.size - 1}[where]
+        position = {"first": 0, "run_edge": 256 * 1024, "last": payload.size - 1}[where]
         payload[position] ^= 0x01
         bad = copy_host_to_device(arena, [0, 1, 2, 3], dev, [4, 5, 6, 7], keys=keys,
                                   fingerprint=fingerprint)
