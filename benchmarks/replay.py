@@ -134,7 +134,7 @@ def stacked(quick: bool, part: str, title: str,
         g1 = max(longest, round(unique * 0.01))
         for layout in layouts:
             sizes = [(tier, max(longest, round(unique * fraction))) for tier, fraction in layout]
-            ratios, seconds, runs = {}, {}, {}
+            ratios, seconds, runs = {}, {}, {}   # runs: per-tier policies -> (ratio, s)
             for policy in (*TIERED_POLICIES, "default"):
                 specs = [TierSpec(Tier.G1, g1)] + [
                     TierSpec(tier, blocks, eviction=None if policy == "default" else policy)
@@ -142,9 +142,9 @@ def stacked(quick: bool, part: str, title: str,
                 per_tier = tuple(spec.eviction for spec in specs[1:])
                 if per_tier not in runs:   # the default may be a policy already run
                     start = time.process_time()
-                    runs[per_tier] = replay(trace, specs, cost=COST).total.block_hit_ratio
-                    seconds[policy] = time.process_time() - start
-                ratios[policy] = runs[per_tier]
+                    ratio = replay(trace, specs, cost=COST).total.block_hit_ratio
+                    runs[per_tier] = (ratio, time.process_time() - start)
+                ratios[policy], seconds[policy] = runs[per_tier]
             lru = ratios["lru"]
             vs_lru = {policy: value / lru if lru else 1.0 for policy, value in ratios.items()}
             for policy, ratio in vs_lru.items():
@@ -162,7 +162,6 @@ def stacked(quick: bool, part: str, title: str,
                         "ratio": vs_lru[best]})
             if not any(row["metric"].startswith(f"{part}_replay_cpu_seconds") for row in out):
                 # What each policy costs the leader, on the first (the largest) trace.
-                seconds["default"] = seconds.get("default") or seconds[specs[1].eviction]
                 print(f"{name} {shown}: replay CPU time "
                       + ", ".join(f"{p} {t:.1f} s" for p, t in seconds.items()))
                 for policy, spent in seconds.items():

@@ -284,15 +284,16 @@ def test_lower_tiers_are_the_connectors_leader():
     leader.check_invariants()
 
 
-def test_a_tier_without_a_policy_runs_the_connector_s_default():
-    # What a user gets without choosing, so `kvtier replay` and the benchmark predict it.
-    defaults = KvtierConfig()
+def test_a_tier_without_a_policy_runs_the_connector_s_default(monkeypatch):
+    # What a user gets without choosing, so `kvtier replay` and the benchmark predict it. The
+    # defaults are changed here so that a replay hard-wired to LRU fails.
+    monkeypatch.setattr(KvtierConfig, "host_eviction_policy", "arc")
+    monkeypatch.setattr(KvtierConfig, "disk_eviction_policy", "prefix_gdsf")
     sim = ReplaySimulator([TierSpec(Tier.G1, 30), TierSpec(Tier.G2, 40), TierSpec(Tier.G3, 60)],
                           block_tokens=16, cost=COST)
-    assert [pool.eviction.name for pool in sim.pools] == [
-        "lru", defaults.host_eviction_policy, defaults.disk_eviction_policy]
-    assert sim.leader.g2.eviction.name == defaults.host_eviction_policy
-    assert sim.leader.g3.eviction.name == defaults.disk_eviction_policy
+    assert [pool.eviction.name for pool in sim.pools] == ["lru", "arc", "prefix_gdsf"]
+    assert sim.leader.g2.eviction.name == "arc"
+    assert sim.leader.g3.eviction.name == "prefix_gdsf"
 
 
 def test_disk_admission_gates_writes():

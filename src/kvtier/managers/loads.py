@@ -68,8 +68,7 @@ class Loads:
         if self.disk is not None:
             # The disk copy of a block the host serves is in use too: without this it ages out
             # as unused, and once the host evicts the block nobody serves it.
-            for i in host_pins:
-                self.disk.pool.touch((keys[i],))
+            self.disk.pool.touch([keys[i] for i in host_pins])
         for i in range(num_blocks):
             key, tier = (keys[i], tiers[i]) if i < len(tiers) else (0, None)
             g2_slot = g3_slot = None
