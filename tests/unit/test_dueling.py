@@ -253,3 +253,32 @@ def test_the_leader_shows_each_lookup_to_the_host_tier_with_what_the_disk_holds(
     assert 60 <= len(lookups) <= len(trace.requests)   # one per request past G1's prefix
     on_disk = [held for lookup in lookups for held in lookup]
     assert any(on_disk) and not all(on_disk)
+
+
+@pytest.mark.parametrize("expert", DuelingEviction.EXPERTS)
+def test_a_new_lead_evicts_exactly_as_it_would_have_alone(expert):
+    # Only the lead keeps an order over the tier's blocks; a new lead adopts what its shadow
+    # learned. With the shadow as this pool (one expert twice, the same traffic), the adopted
+    # lead must go on exactly as the expert alone: a lead rebuilt from the blocks only (the
+    # default ``adopt``) forgets counts, intervals and ghosts and fails this for all but LRU.
+    twice = type("Twice", (DuelingEviction,), {"EXPERTS": (expert, expert)})
+    policy = twice(24)
+    pool, alone = BlockPool(Tier.G2, 24, eviction=policy), BlockPool(Tier.G2, 24, eviction=expert)
+    rng = random.Random(7)
+    turns = [0] * 9
+    for step in range(900):
+        if step % 150 == 149:
+            policy._take_lead(1 - policy._lead)   # rebuilt from the other shadow
+        user = rng.randrange(len(turns))
+        turns[user] += 1
+        chain = [-1, -2] + [user * 1000 + i for i in range(1 + 2 * turns[user])][-10:]
+        if rng.random() < 0.3:
+            chain = chain[rng.randrange(len(chain)):][:1]     # a host tier's single release
+        priorities = [rng.choice((50, 100, 100, 100)) for _ in chain]
+        assert serve(pool, chain, priorities) == serve(alone, chain, priorities), step
+        if rng.random() < 0.2:
+            touched = rng.choice(chain)
+            pool.touch([touched])
+            alone.touch([touched])
+        assert [k for k in range(-2, 9000) if k in pool] == \
+            [k for k in range(-2, 9000) if k in alone], step

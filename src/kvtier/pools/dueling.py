@@ -3,11 +3,14 @@
 No single policy wins everywhere (``benchmarks/replay.py``): frequency (``prefix_gdsf``) wins
 where shared prompts recur at random, the reuse-interval estimate (``prefix_reuse``) where
 conversations return after more traffic than the tier holds, ``arc`` in between, and each falls
-below LRU somewhere. This policy keeps every expert's order over the pool's blocks at once and
-evicts the block the current *lead* chooses (the others forget it as evicted, see
-``EvictionPolicy.evict``). To know which expert would do best here, each expert also runs alone
-in a *shadow*: a ``BlockPool`` of the same size that holds keys only and sees the same releases
-and touches. A shadow counts the prefix hits its expert would have had; the counts decay by
+below LRU somewhere. To know which expert would do best here, each runs alone in a *shadow*:
+a ``BlockPool`` of the same size that holds keys only and sees the same releases and touches.
+The tier evicts as the current *lead*, the only expert that keeps an order over the tier's own
+blocks; a new lead is built from its shadow when it takes over (``EvictionPolicy.adopt``: the
+shadow's order, ghosts, counts and intervals for the blocks both hold, so it goes on exactly as
+if it had run all along wherever the tier holds what its shadow holds). Keeping all four
+experts in step instead cost a third more (4.4x LRU's time against 3.1x in the G1 + host replay
+of ``benchmarks/replay.py``) and was never below LRU there either. A shadow counts the prefix hits its expert would have had; the counts decay by
 ``DECAY`` per release (a memory of about a thousand requests), and the lead changes only when
 another expert's count beats it by more than ``Z`` standard deviations of noise, taking the
 larger of two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier
@@ -28,9 +31,8 @@ and one the disk lacks is worth every disk block behind it it connects: in a G1 
 stack, scoring by the host tier's own hits made the lead leave LRU for experts that keep what
 the disk keeps, and the stack lost up to 13 % of its hits to LRU's; scored by reach it never
 falls below LRU there (``benchmarks/replay.py``). From the first lookup on, releases only feed
-the shadows. Cost: every hook
-runs in each expert and each shadow, about ``2 x len(EXPERTS)`` times one policy's work per
-block.
+the shadows. Cost: every hook runs in each shadow and in the lead, about
+``len(EXPERTS) + 1`` times one policy's work per block.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class DuelingEviction(EvictionPolicy):
     """Evict as the expert whose shadow cache hits most lately (module doc)."""
 
     name = "dueling"
-    # Hits on active blocks too: an expert that counts them (arc's clock) hears them; the
+    # Hits on active blocks too: a lead that counts them (arc's clock) hears them; the
     # others hear only hits on inactive blocks, as the pool would tell them alone.
     hits_while_active = True
     EXPERTS = ("lru", "arc", "prefix_gdsf", "prefix_reuse")
@@ -182,14 +184,19 @@ class DuelingEviction(EvictionPolicy):
 
     def __init__(self, num_blocks: int) -> None:
         super().__init__(num_blocks)
-        self._experts = [make_eviction_policy(name, num_blocks) for name in self.EXPERTS]
         self._shadows = [_Shadow(name, num_blocks) for name in self.EXPERTS]
         self._hits = [0.0] * len(self.EXPERTS)
         # _spread[i][j]: decayed sum over releases of (expert i's hits - expert j's)^2
         self._spread = [[0.0] * len(self.EXPERTS) for _ in self.EXPERTS]
         self._lead = 0
-        self._active_hits = [expert for expert in self._experts if expert.hits_while_active]
-        self._inactive = bytearray(num_blocks)  # 1 while the block is in the eviction order
+        self._expert = make_eviction_policy(self.EXPERTS[0], num_blocks)
+        self._expert_batch = insert_batch_hook(self._expert)
+        # What a new lead is shown of the tier when it takes over (``_take_lead``):
+        self._links: dict[int, tuple[int, int]] = {}  # linked block -> (parent, its link no.)
+        self._link_no = [0] * num_blocks                # bumped whenever a block is linked
+        self._key: list[BlockKey | None] = [None] * num_blocks
+        self._priority = [0] * num_blocks
+        self._inactive: dict[int, None] = {}   # evictable blocks, least recently used first
         self._scores_lookups = False  # True once the leader reports lookups (on_lookup)
 
     @property
@@ -198,31 +205,32 @@ class DuelingEviction(EvictionPolicy):
         return self.EXPERTS[self._lead]
 
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
-        self.on_insert_batch((block_id,), {block_id: key}, {block_id: priority})
+        # The host and disk tiers' release, block by block: the shortest path.
+        got = [shadow.one(key, priority) for shadow in self._shadows]
+        self._key[block_id] = key
+        self._priority[block_id] = priority
+        self._inactive[block_id] = None
+        self._expert.on_insert(block_id, key, priority)
+        if not self._scores_lookups:
+            self.score_release(got)
 
     def on_insert_batch(self, block_ids: Sequence[int], key_of: Sequence[BlockKey],
                         priority_of: Sequence[int]) -> None:
         if len(block_ids) == 1:
-            # The host and disk tiers' release, block by block: the shortest path.
             block_id = block_ids[0]
-            key, priority = key_of[block_id], priority_of[block_id]
-            got = [shadow.one(key, priority) for shadow in self._shadows]
-            if not self._scores_lookups:
-                self.score_release(got)
-            self._inactive[block_id] = 1
-            for expert in self._experts:
-                expert.on_insert(block_id, key, priority)
+            self.on_insert(block_id, key_of[block_id], priority_of[block_id])
             return
         chain = [key_of[b] for b in reversed(block_ids)]
         priorities = [priority_of[b] for b in reversed(block_ids)]
         got = [shadow.request(chain, priorities) for shadow in self._shadows]
+        keys, prio, inactive = self._key, self._priority, self._inactive
+        for block_id in block_ids:
+            keys[block_id] = key_of[block_id]
+            prio[block_id] = priority_of[block_id]
+            inactive[block_id] = None
+        self._expert_batch(block_ids, key_of, priority_of)
         if not self._scores_lookups:
             self.score_release(got)
-        inactive = self._inactive
-        for block_id in block_ids:
-            inactive[block_id] = 1
-        for expert in self._experts:
-            expert.on_insert_batch(block_ids, key_of, priority_of)
 
     def score_release(self, got: Sequence[int]) -> None:
         """Count one release's shadow hits (``got[i]``: expert i's) and move the lead to the
@@ -237,7 +245,26 @@ class DuelingEviction(EvictionPolicy):
         best, lead = max(range(len(hits)), key=hits.__getitem__), self._lead
         noise = max(hits[best] + hits[lead], spread[best][lead]) ** 0.5
         if hits[best] - hits[lead] > self.Z * noise:
-            self._lead = best
+            self._take_lead(best)
+
+    def _take_lead(self, lead: int) -> None:
+        """Hand the order to expert ``lead``, built now from its shadow: it hears every linked
+        block's link, then adopts what the shadow's policy learned (its order, ghosts, counts,
+        intervals; ``EvictionPolicy.adopt``) for the tier's evictable blocks. The shadow heard
+        the same traffic, so the new lead goes on as if it had run all along; only the blocks
+        the tier holds and the shadow does not are new to it (they go first)."""
+        expert = make_eviction_policy(self.EXPERTS[lead], self.num_blocks)
+        link_no = self._link_no
+        for block_id, (parent, parent_no) in self._links.items():
+            # A parent that lost its key since (and may hold another now) no longer counts.
+            alive = parent >= 0 and parent in self._links and link_no[parent] == parent_no
+            expert.on_link(block_id, parent if alive else -1)
+        shadow = self._shadows[lead]
+        held, keys = shadow.registry, self._key
+        expert.adopt(shadow.policy, [(b, keys[b], self._priority[b], held.get(keys[b], -1))
+                                     for b in self._inactive])
+        self._expert, self._lead = expert, lead
+        self._expert_batch = insert_batch_hook(expert)
 
     def on_lookup(self, keys: Sequence[BlockKey],
                   served_elsewhere: Callable[[BlockKey], bool]) -> None:
@@ -259,44 +286,44 @@ class DuelingEviction(EvictionPolicy):
         self.score_release(got)
 
     def on_remove(self, block_id: int) -> None:
-        self._inactive[block_id] = 0
-        for expert in self._experts:
-            expert.on_remove(block_id)
+        self._inactive.pop(block_id, None)
+        self._expert.on_remove(block_id)
 
     def on_hit(self, block_id: int, key: BlockKey) -> None:
-        if self._inactive[block_id]:
+        inactive = self._inactive
+        if block_id in inactive:
             # A touch (a match would have taken the block out of the order first): the host
             # tier's re-offer of a block it holds. The shadows hear it too, or shadow LRU
             # trails the real one (1,970 against 2,051 hits on one run) and the lead leaves it.
             for shadow in self._shadows:
                 shadow.touch(key)
-            for expert in self._experts:
-                expert.on_hit(block_id, key)
-        else:
-            for expert in self._active_hits:
-                expert.on_hit(block_id, key)
+            del inactive[block_id]
+            inactive[block_id] = None   # most recently used now
+            self._expert.on_hit(block_id, key)
+        elif self._expert.hits_while_active:
+            self._expert.on_hit(block_id, key)
 
     def on_link(self, block_id: int, parent_id: int) -> None:
-        for expert in self._experts:
-            expert.on_link(block_id, parent_id)
+        self._link_no[block_id] += 1
+        self._links.pop(block_id, None)   # a new link goes last: parents before children
+        self._links[block_id] = (parent_id, self._link_no[parent_id] if parent_id >= 0 else 0)
+        self._expert.on_link(block_id, parent_id)
 
     def on_unlink(self, block_id: int) -> None:
-        for expert in self._experts:
-            expert.on_unlink(block_id)
+        self._links.pop(block_id, None)
+        self._expert.on_unlink(block_id)
 
     def victim(self) -> int | None:
-        block_id = self._experts[self._lead].victim()
+        block_id = self._expert.victim()
         if block_id is not None:
-            self._inactive[block_id] = 0
-            for i, expert in enumerate(self._experts):
-                if i != self._lead:
-                    expert.evict(block_id)
+            self._inactive.pop(block_id, None)
+            self._links.pop(block_id, None)
         return block_id
 
     def evict(self, block_id: int) -> None:
-        self._inactive[block_id] = 0
-        for expert in self._experts:
-            expert.evict(block_id)
+        self._inactive.pop(block_id, None)
+        self._links.pop(block_id, None)
+        self._expert.evict(block_id)
 
     def __len__(self) -> int:
-        return len(self._experts[self._lead])
+        return len(self._expert)

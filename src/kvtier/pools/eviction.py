@@ -94,6 +94,19 @@ class EvictionPolicy(abc.ABC):
         judges what it keeps by the whole stack's hits can count them here. Called once per
         request, by the connector's leader, for its host and disk tiers."""
 
+    def adopt(self, source: EvictionPolicy,
+              blocks: Sequence[tuple[int, BlockKey, int, int]]) -> None:
+        """Take over from ``source``, a policy of the same class that heard the same traffic
+        over another pool (a ``dueling`` shadow), for this pool's evictable ``blocks``: (block
+        id, key, priority, the block of ``source``'s pool holding that key or -1), least
+        recently used first. Called once, on a new policy, after ``on_link`` for this pool's
+        linked blocks. A policy copies what ``source`` learned (its order, ghosts, counts,
+        intervals) so that it goes on as ``source`` would; the default inserts the blocks
+        ``source`` does not hold first (alone it would have evicted them), then the rest, each
+        group in the order given."""
+        for block_id, key, priority, _ in sorted(blocks, key=lambda block: block[3] >= 0):
+            self.on_insert(block_id, key, priority)
+
     @abc.abstractmethod
     def victim(self) -> int | None:
         """Choose, forget and return the block to evict next; None if nothing is evictable."""
@@ -243,6 +256,26 @@ class LruEviction(EvictionPolicy):
         prev[block_id] = tail
         nxt[block_id] = sentinel
         prev[sentinel] = block_id
+
+    def adopt(self, source: EvictionPolicy,
+              blocks: Sequence[tuple[int, BlockKey, int, int]]) -> None:
+        # The blocks source holds go in its order (lowest priority and oldest first).
+        rank = source._oldest_first() if isinstance(source, LruEviction) else {}
+        for block_id, key, priority, _ in sorted(
+                blocks, key=lambda block: rank.get(block[3], -1)):   # stable: unknown first
+            self.on_insert(block_id, key, priority)
+
+    def _oldest_first(self) -> dict[int, int]:
+        """Each held block's place in the eviction order."""
+        rank: dict[int, int] = {}
+        nxt = self._next
+        for priority in self._live_priorities:
+            sentinel = self.num_blocks + priority
+            block_id = nxt[sentinel]
+            while block_id != sentinel:
+                rank[block_id] = len(rank)
+                block_id = nxt[block_id]
+        return rank
 
     def lowest_priority(self) -> int | None:
         """The priority of the next victim, None when nothing is held."""

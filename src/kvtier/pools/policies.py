@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvtier.offload.admission import FrequencyFilter
 from kvtier.offload.tinylfu import FrequencySketch
@@ -122,6 +122,15 @@ class _Lists:
 
     def total(self) -> int:
         return sum(self.sizes)
+
+    def oldest_first(self, lst: int) -> list[int]:
+        """List ``lst``'s blocks from the back (the next to go) to the front."""
+        out, sentinel, prev = [], self._base + lst, self.prev
+        block = prev[sentinel]
+        while block != sentinel:
+            out.append(block)
+            block = prev[block]
+        return out
 
 
 class _ListPolicy(EvictionPolicy):
@@ -394,6 +403,40 @@ class ArcEviction(_ListPolicy):
         else:
             lists.push_front(_T1, block_id)
 
+    def adopt(self, source: EvictionPolicy,
+              blocks: Sequence[tuple[int, BlockKey, int, int]]) -> None:
+        """Copy ``source``'s target ``p``, clocks and ghosts; a block ``source`` holds keeps
+        its list, place and last access, one it evicted goes back to the list its ghost names,
+        first (the next to go), as does one it never saw, to T1."""
+        if not isinstance(source, ArcEviction):
+            super().adopt(source, blocks)
+            return
+        self._p, self._clock = source._p, source._clock
+        self._t1_evictions, self._t2_horizon = source._t1_evictions, source._t2_horizon
+        b1, b2 = self._b1, self._b2 = OrderedDict(source._b1), OrderedDict(source._b2)
+        main = self._main_priority = source._main_priority
+        theirs_lists = source._lists
+        rank = {b: i for i, b in enumerate(theirs_lists.oldest_first(_T1)
+                                           + theirs_lists.oldest_first(_T2))}
+        side = []
+        for block_id, key, priority, theirs in sorted(blocks, key=lambda b: rank.get(b[3], -1)):
+            if main is None:
+                main = self._main_priority = priority
+            if priority != main:
+                side.append((block_id, key, priority, theirs))
+                continue
+            self._keys[block_id] = key
+            if theirs in rank:
+                self._lists.push_front(theirs_lists.owner[theirs], block_id)
+                self._last_access[block_id] = source._last_access[theirs]
+            elif key in b2:   # evicted from T2: it had been used again
+                del b2[key]
+                self._lists.push_front(_T2, block_id)
+            else:
+                self._last_access[block_id] = b1.pop(key, 0) & _MASK64
+                self._lists.push_front(_T1, block_id)
+        self._prioritized.adopt(source._prioritized, side)
+
     def _victim(self) -> int:
         lists = self._lists
         t1 = lists.sizes[_T1]
@@ -604,6 +647,28 @@ class _LeafFirstPolicy(EvictionPolicy):
             self._evicted(block_id, entry[2])
         self.on_unlink(block_id)
 
+    def adopt(self, source: EvictionPolicy,
+              blocks: Sequence[tuple[int, BlockKey, int, int]]) -> None:
+        """A block ``source`` holds keeps its score (and the order of its last push among
+        equals); one it does not scores below the blocks it holds (``_adopted``)."""
+        if type(source) is not type(self):
+            super().adopt(source, blocks)
+            return
+        self._adopt_history(source)
+        live = source._live
+
+        def pushed(block: tuple) -> int:
+            entry = live[block[3]] if block[3] >= 0 else None
+            return -1 if entry is None else entry[3]
+
+        for block_id, key, priority, theirs in sorted(blocks, key=pushed):   # stable
+            known = theirs >= 0 and live[theirs] is not None
+            self._keys[block_id] = key
+            self._priority[block_id] = priority
+            self._score[block_id] = self._adopted(block_id, key, source, theirs if known else -1)
+            self._size += 1
+            self._push(block_id)
+
     def __len__(self) -> int:
         return self._size
 
@@ -630,6 +695,14 @@ class _LeafFirstPolicy(EvictionPolicy):
     def _evicted(self, block_id: int, score: float) -> None:
         """``block_id`` is the victim (its key is still in ``_keys``)."""
 
+    def _adopt_history(self, source: _LeafFirstPolicy) -> None:
+        """``adopt``: copy what ``source`` remembers beyond its blocks."""
+
+    def _adopted(self, block_id: int, key: BlockKey, source: _LeafFirstPolicy,
+                 theirs: int) -> float:
+        """``adopt``: the score of ``block_id``, held by ``source`` as ``theirs`` (-1: not)."""
+        return source._score[theirs] if theirs >= 0 else 0.0
+
 
 @register_policy
 class PrefixLruEviction(_LeafFirstPolicy):
@@ -648,6 +721,9 @@ class PrefixLruEviction(_LeafFirstPolicy):
     def _access(self, block_id: int, key: BlockKey, is_hit: bool) -> float:
         self._clock += 1
         return self._clock
+
+    def _adopt_history(self, source: _LeafFirstPolicy) -> None:
+        self._clock = source._clock
 
 
 @register_policy
@@ -681,6 +757,20 @@ class PrefixGdsfEviction(_LeafFirstPolicy):
         else:
             self._uses[block_id] = self._ghost.pop(key, 0) + 1
         return self._inflation + self._uses[block_id]
+
+    def _adopt_history(self, source: _LeafFirstPolicy) -> None:
+        self._inflation = source._inflation
+        self._ghost = OrderedDict(source._ghost)
+
+    def _adopted(self, block_id: int, key: BlockKey, source: _LeafFirstPolicy,
+                 theirs: int) -> float:
+        if theirs >= 0:
+            self._uses[block_id] = source._uses[theirs]
+            return source._score[theirs]
+        # Evicted by source (its ghost keeps its uses) or never seen: below every block source
+        # holds (their scores include the inflation), the more used last.
+        uses = self._uses[block_id] = self._ghost.pop(key, 0) + 1
+        return float(uses)
 
     def _evicted(self, block_id: int, score: float) -> None:
         self._inflation = max(self._inflation, score)

@@ -66,7 +66,8 @@ class PrefixReuseEviction(EvictionPolicy):
         self._seq = 0
         self._size = 0
         self._now = 0
-        self._history: OrderedDict[BlockKey, int] = OrderedDict()  # evicted key -> last use
+        # Evicted key -> (last use, interval); the interval only for ``adopt``.
+        self._history: OrderedDict[BlockKey, tuple[int, float]] = OrderedDict()
         self._history_max = max(num_blocks, min(self.HISTORY_FACTOR * num_blocks,
                                                 self.MAX_HISTORY))
 
@@ -109,7 +110,7 @@ class PrefixReuseEviction(EvictionPolicy):
             return self._now - self._last[block_id]
         self._interval[block_id] = 0.0  # a new block, or a key back from the history
         previous = self._history.pop(key, None)
-        return None if previous is None else self._now - previous
+        return None if previous is None else self._now - previous[0]
 
     def _learn(self, block_id: int, key: BlockKey, priority: int, interval: int | None,
                request_interval: float) -> None:
@@ -159,9 +160,34 @@ class PrefixReuseEviction(EvictionPolicy):
         self._keys[block_id] = None
         if key is not None:
             history = self._history
-            history[key] = self._last[block_id]
+            history[key] = (self._last[block_id], self._interval[block_id])
             if len(history) > self._history_max:
                 history.popitem(last=False)
+
+    def adopt(self, source: EvictionPolicy,
+              blocks: Sequence[tuple[int, BlockKey, int, int]]) -> None:
+        """Copy ``source``'s clock and history; a block ``source`` holds keeps its last use,
+        interval and depth (and the order of its last push among equals), one it evicted takes
+        them from its history, one it never saw is new now: overdue at the next release."""
+        if not isinstance(source, PrefixReuseEviction):
+            super().adopt(source, blocks)
+            return
+        self._now = source._now
+        history = self._history = OrderedDict(source._history)
+        live = source._live
+        for block_id, key, priority, theirs in sorted(
+                blocks, key=lambda block: live[block[3]] if block[3] >= 0 else 0):  # stable
+            self._keys[block_id] = key
+            self._priority[block_id] = priority
+            if theirs >= 0 and live[theirs]:
+                last, interval = source._last[theirs], source._interval[theirs]
+                # Its depth as linked then: a parent evicted since is no longer in the links.
+                self._depth[block_id] = source._depth[theirs]
+            else:
+                last, interval = history.pop(key, (self._now, 0.0))
+            self._last[block_id], self._interval[block_id] = last, interval
+            self._size += 1
+            self._push(block_id)
 
     def __len__(self) -> int:
         return self._size
