@@ -9,8 +9,9 @@ The tier evicts as the current *lead*, the only expert that keeps an order over 
 blocks; a new lead is built from its shadow when it takes over (``EvictionPolicy.adopt``: the
 shadow's order, ghosts, counts and intervals for the blocks both hold, so it goes on exactly as
 if it had run all along wherever the tier holds what its shadow holds). Keeping all four
-experts in step instead cost a third more (4.4x LRU's time against 3.1x in the G1 + host replay
-of ``benchmarks/replay.py``) and was never below LRU there either. A shadow counts the prefix hits its expert would have had; the counts decay by
+experts in step instead cost 40-90 % more (4.4-4.9x LRU's time against 3.1-3.5x in the G1 +
+host replay of ``benchmarks/replay.py``, 30x against 17x in ``benchmarks/pool.py``) and was
+never below LRU there either. A shadow counts the prefix hits its expert would have had; the counts decay by
 ``DECAY`` per release (a memory of about a thousand requests), and the lead changes only when
 another expert's count beats it by more than ``Z`` standard deviations of noise, taking the
 larger of two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier
