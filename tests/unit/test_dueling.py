@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import ClassVar
 
@@ -50,12 +51,16 @@ def lead_after(trace: Trace, capacity: int) -> str:
     return policy.lead
 
 
-def test_follows_the_reuse_interval_expert_on_round_robin_conversations():
+def test_follows_the_reuse_interval_expert_on_round_robin_conversations(caplog):
     trace, capacity = round_robin(), 24
     lru, reuse = hits(trace, "lru", capacity), hits(trace, "prefix_reuse", capacity)
     assert reuse > 3 * lru  # the control: the experts differ a lot here
     assert hits(trace, "dueling", capacity) >= 0.8 * reuse
+    caplog.set_level(logging.INFO, logger="kvtier.pools.dueling")
     assert lead_after(trace, capacity) == "prefix_reuse"
+    # The change of order is logged, once: a user can see which expert the tier follows.
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "kvtier.pools.dueling"]
+    assert "24 blocks now evicts as prefix_reuse" in line and "for lru" in line
 
 
 def test_leaves_lru_when_a_scan_resistant_expert_keeps_a_hot_prefix():

@@ -38,6 +38,7 @@ the shadows. Cost: every hook runs in each shadow and in the lead, about
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,8 @@ from kvtier.pools.eviction import (
 from kvtier.tiers import BlockKey
 
 __all__ = ["DuelingEviction"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Shadow:
@@ -246,6 +249,10 @@ class DuelingEviction(EvictionPolicy):
         best, lead = max(range(len(hits)), key=hits.__getitem__), self._lead
         noise = max(hits[best] + hits[lead], spread[best][lead]) ** 0.5
         if hits[best] - hits[lead] > self.Z * noise:
+            # Rare (once or never in a replay) and worth knowing: which order the tier follows.
+            logger.info("dueling: a pool of %d blocks now evicts as %s, whose shadow hit %.0f "
+                        "lately against %.0f for %s", self.num_blocks, self.EXPERTS[best],
+                        hits[best], hits[lead], self.EXPERTS[lead])
             self._take_lead(best)
 
     def _take_lead(self, lead: int) -> None:
