@@ -1,27 +1,27 @@
 """``dueling``: run several eviction policies side by side and follow the one that hits most.
 
-No single policy wins everywhere (``benchmarks/replay.py``): frequency (``prefix_gdsf``) wins
-where shared prompts recur at random, the reuse-interval estimate (``prefix_reuse``) where
-conversations return after more traffic than the tier holds, ``arc`` in between, and each falls
-below LRU somewhere. To know which expert would do best here, each runs alone in a *shadow*:
-a ``BlockPool`` of the same size that holds keys only and sees the same releases and touches.
-The tier evicts as the current *lead*, the only expert that keeps an order over the tier's own
-blocks; a new lead is built from its shadow when it takes over (``EvictionPolicy.adopt``: the
-shadow's order, ghosts, counts and intervals for the blocks both hold, so it goes on exactly as
-if it had run all along wherever the tier holds what its shadow holds). Keeping all four
-experts in step instead cost 40-90 % more (4.4-4.9x LRU's time against 3.1-3.5x in the G1 +
-host replay of ``benchmarks/replay.py``, 30x against 17x in ``benchmarks/pool.py``) and was
-never below LRU there either. A shadow counts the prefix hits its expert would have had; the counts decay by
-``DECAY`` per release (a memory of about a thousand requests), and the lead changes only when
-another expert's count beats it by more than ``Z`` standard deviations of noise, taking the
-larger of two estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier
-where the experts hit alike on its default: behind a G1 tier, a paired test alone left LRU on
-evidence worth 0.2-0.8 % of hits and lost that much. The noise of the release-by-release
-differences (their decayed sum of squares; the shadows serve the same requests) catches what
-counts miss: a prefix hit comes in runs, one request matching many blocks at once, so a single
-lucky request never moves the lead on its own (a tier of 47 blocks flipped on one 17-block match
-under the Poisson test alone and fell to 0.42x LRU). Over ``benchmarks/replay.py``'s 46 runs the
-two together never fall below LRU; either alone does.
+No single policy wins everywhere (``benchmarks/replay.py``): frequency (``prefix_gdsf``) wins where
+shared prompts recur at random, the reuse-interval estimate (``prefix_reuse``) where conversations
+return after more traffic than the tier holds, ``arc`` in between, and each falls below LRU
+somewhere. To know which expert would do best here, each runs alone in a *shadow*: a ``BlockPool``
+of the same size that holds keys only and sees the same releases and touches. The tier evicts as
+the current *lead*, the only expert that keeps an order over the tier's own blocks; a new lead is
+built from its shadow when it takes over (``EvictionPolicy.adopt``: the shadow's order, ghosts,
+counts and intervals for the blocks both hold, so it goes on exactly as if it had run all along
+wherever the tier holds what its shadow holds). Keeping all four experts in step instead took
+1.4-1.9x the time (4.4-4.9x LRU's time against 3.1-3.5x in the G1 + host replay of
+``benchmarks/replay.py``, 30x against 17x in ``benchmarks/pool.py``) and was never below LRU there
+either. A shadow counts the prefix hits its expert would have had; the counts decay by ``DECAY``
+per release (a memory of about a thousand requests), and the lead changes only when another
+expert's count beats it by more than ``Z`` standard deviations of noise, taking the larger of two
+estimates of that noise. Poisson noise of the counts (``sqrt(sum)``) keeps a tier where the experts
+hit alike on its default: behind a G1 tier, a paired test alone left LRU on evidence worth 0.2-0.8
+% of hits and lost that much. The noise of the release-by-release differences (their decayed sum of
+squares; the shadows serve the same requests) catches what counts miss: a prefix hit comes in runs,
+one request matching many blocks at once, so a single lucky request never moves the lead on its own
+(a tier of 47 blocks flipped on one 17-block match under the Poisson test alone and fell to 0.42x
+LRU). Over ``benchmarks/replay.py``'s 46 runs the two together never fall below LRU; either alone
+does.
 
 A release is taken as one request's chain, tail first (the pool's and vLLM's order), and a
 shadow's hits are its prefix match. The connector's host and disk tiers release one block at a
