@@ -34,11 +34,12 @@ The limit for G1 <-> G2 is the plain-torch memory-bandwidth bound of the same by
 ``torch.index_select(out=)`` per layer, gathering the same N blocks' 64 KiB rows into one
 preallocated (N, 64 KiB) buffer per layer (torch's own threads; the same byte count read and
 written as the production copy, without headers or checksums). On CPU both directions are held
-to it: it is faster than torch's scatter (``index_copy_``) of the same rows. One flat ``copy_``
-of the same byte count can run faster still (a large contiguous memcpy gets non-temporal
-stores, 64 KiB pieces do not), but that is not the same movement, so not the limit. The
-keyless production copy (``ctypes.memmove`` per piece, GIL released, over two threads) usually
-beats index_select: the _stamped / _verified rows, whose baseline it is, are the stricter check.
+to it: it is faster than torch's scatter (``index_copy_``) of the same rows. The production
+copy (``kvtier.transfer._stream``: one copy per 64 KiB piece with streaming stores, GIL
+released, over two threads) is faster than this limit without keys, 1.3-1.7x here, because
+streaming stores skip reading each destination line first (glibc's memcpy, and so torch, only
+uses them for copies of several MiB): the _stamped / _verified rows, whose baseline it is, are
+the stricter check, and show what the checksum costs.
 With ``--device cuda`` (G1 on the GPU, arena pinned) the limit is index_select per layer on the
 device + one async copy into pinned memory (and back: one copy to the device + ``index_copy_``
 per layer).

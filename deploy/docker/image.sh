@@ -10,7 +10,8 @@
 #             (CHECK_KV_TRANSFER replaces its --kv-transfer-config: host and disk tiers, metrics)
 #     --cold  no cached layers: rebuild the base and every layer
 #     --reuse skip the build when $IMAGE was built from the same inputs (the label
-#             org.kvtier.inputs: a hash of the Dockerfile, pyproject.toml, README.md, src/, the wheels)
+#             org.kvtier.inputs: a hash of the Dockerfile, pyproject.toml, setup.py, README.md, src/,
+#             the wheels)
 #
 # Installs docker.io and debootstrap (Debian) when missing. Starts dockerd when none answers
 # (without iptables or a bridge: nothing here needs container networking) and stops it, by its
@@ -109,7 +110,8 @@ assemble_context() {
   local ctx=$STATE/context pip torch ca
   mkdir -p "$ctx/wheels"
   cp "$DOCKERFILE" "$ctx/Dockerfile"
-  tar -C "$ROOT" --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md src \
+  tar -C "$ROOT" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' \
+    -cf - pyproject.toml setup.py README.md src \
     | tar -C "$ctx" -xf -
   pip=$(host_pip)
   ca=${PIP_CERT:-$($pip config get global.cert 2>/dev/null || true)}

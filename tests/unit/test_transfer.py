@@ -416,6 +416,29 @@ def test_parallel_cpu_copy_is_byte_exact(monkeypatch):
     assert all(block_bytes(kv, axis, b) == bytes(len(want[0])) for b in (5, 6, 7))
 
 
+def test_the_streaming_copy_is_built_and_exact_at_every_alignment():
+    """The block copy's C helper (``make setup`` builds it; the copier falls back to memmove
+    only in a source tree that was never built): byte-exact for sizes around its streaming
+    threshold and its 64-byte loop, at every destination alignment, writing nothing outside."""
+    from kvtier.transfer import _stream
+    from kvtier.transfer import copy as copy_module
+
+    assert copy_module._copy_bytes is _stream.copy
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, 80_000, dtype=np.uint8)
+    for size in (0, 1, 15, 63, 4095, 4096, 4097, 4096 + 63, 65536 + 13):
+        for align in range(17):
+            dst = np.full(size + 128, 0xEE, dtype=np.uint8)
+            lo = 32 - dst.ctypes.data % 16 + align  # the destination starts `align` past 16
+            _stream.copy(dst.ctypes.data + lo, src.ctypes.data + align, size)
+            assert bytes(dst[lo:lo + size]) == bytes(src[align:align + size]), (size, align)
+            assert not np.any(dst[:lo] != 0xEE) and not np.any(dst[lo + size:] != 0xEE)
+    with pytest.raises(TypeError, match="3 arguments"):
+        _stream.copy(1, 2)
+    with pytest.raises(ValueError, match="null address"):
+        _stream.copy(0, src.ctypes.data, 8)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_checked_copies_of_blocks_longer_than_one_checksum_run(monkeypatch, threads):
     """Blocks spanning several checksum runs (each run hashed while it is in cache): a stamped

@@ -7,10 +7,11 @@ synchronous on its own thread, through one ``BlockCopier`` per (device, arena) p
 A block is a list of segments (see ``kvtier.layout``); its payload in an arena slot is those
 segments back to back. Two implementations behind one ``BlockCopier``:
 
-- **CPU tensors**: one ``memmove`` per (block, segment) straight between the engine tensor and
-  the arena slot, addresses computed with numpy for the whole batch. ``ctypes.memmove`` releases
-  the GIL and runs at memcpy speed; there is no staging pass (each pass costs ~8-15 GB/s here,
-  ENVIRONMENT.md §9), and no uint8 ``index_copy_`` trap.
+- **CPU tensors**: one copy per (block, segment) straight between the engine tensor and the
+  arena slot, addresses computed with numpy for the whole batch. The copy (``_stream.copy``)
+  releases the GIL and uses streaming stores, which skip reading the destination into the cache
+  first; there is no staging pass (each pass costs ~8-15 GB/s here, ENVIRONMENT.md §9), and no
+  uint8 ``index_copy_`` trap.
 - **CUDA tensors**: one dedicated stream per direction. Offload gathers the blocks on the device
   into a staging buffer shaped like arena slots (``index_select`` per segment), then DMAs each
   run of consecutive arena slots into the pinned arena in one copy. Onboard DMAs runs into the
@@ -23,8 +24,8 @@ raises ``TransferError`` and changes nothing.
 Checksums (``block_format``) ride along when the caller names the blocks' keys: an offload with
 ``keys`` stamps each slot's header, and ``to_device_verified`` checks each slot against its key
 before the engine may use it; a slot that fails is reported and recomputed by the engine. On CPU
-both happen inside the copy loop, so the checksum reads bytes the copy has just written (into
-the slot on offload, onto the device on onboard) while they are in cache: the extra pass costs
+both happen inside the copy loop, so the checksum reads the bytes the copy has just read (the
+device block on offload, the slot on onboard) while they are in cache: the extra pass costs
 cache bandwidth, not a second trip through memory (a block whose checksum fails at its last
 piece is zeroed on the device). On CUDA the host side is checksummed before each chunk's DMA (onboard:
 a failing slot is never copied) or after the copy lands (offload).
@@ -33,6 +34,7 @@ a failing slot is never copied) or after the copy lands (offload).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -53,7 +55,16 @@ from kvtier.storage.block_format import (
 from kvtier.storage.host import HostArena
 from kvtier.tiers import BlockKey
 
-_memmove = ctypes.memmove
+logger = logging.getLogger(__name__)
+
+try:
+    # Streaming stores: a copy that does not first read each destination line into the cache
+    # (see _stream.c). With it the checked copy keeps up with a plain gather on one core.
+    from kvtier.transfer._stream import copy as _copy_bytes
+except ImportError as exc:  # a source tree that was never built (pip install builds it)
+    logger.warning("kvtier: the streaming block copy is not built (%s); block copies use "
+                   "memmove, and the checked copies are slower", exc)
+    _copy_bytes = ctypes.memmove
 
 # Checked copies hash each block's payload with one streaming xxh3 per block (the same digest as
 # one call) right after copying it, while it is in L2, in runs of this many bytes of
@@ -267,6 +278,7 @@ class _CpuCopier:
         self._arena = arena
         self._keep = (dev, arena)  # the addresses stay valid while these live
         self._runs: tuple | None = None  # the stamping copy's pieces, built on first use
+        self._dev_views: list | None = None  # built on first use
 
     def _stamp_pieces(self) -> tuple:
         """The payload split into pieces that never cross a run of ``_STAMP_RUN_BYTES``: per
@@ -305,22 +317,22 @@ class _CpuCopier:
     def _copy(self, dsts: list, srcs: list, nblocks: int) -> None:
         total = int(self._nbytes.sum()) * nblocks
         if self._threads > 1 and total >= _PARALLEL_MIN_BYTES and len(dsts) > 1:
-            # Split the copies evenly; memmove releases the GIL, so the parts run in parallel.
+            # Split the copies evenly; the copy releases the GIL, so the parts run in parallel.
             parts = min(self._threads, len(dsts))
             step = -(-len(dsts) // parts)
             sizes = np.tile(self._nbytes, nblocks).tolist()
             pool = _helper_pool(parts - 1)
-            futures = [pool.submit(_memmove_all, dsts[i:i + step], srcs[i:i + step],
+            futures = [pool.submit(_copy_all, dsts[i:i + step], srcs[i:i + step],
                                    sizes[i:i + step]) for i in range(step, len(dsts), step)]
-            _memmove_all(dsts[:step], srcs[:step], sizes[:step])
+            _copy_all(dsts[:step], srcs[:step], sizes[:step])
             for future in futures:
                 future.result()
         elif self._uniform:
             size = self._uniform
             for d, s in zip(dsts, srcs):
-                _memmove(d, s, size)
+                _copy_bytes(d, s, size)
         else:
-            _memmove_all(dsts, srcs, np.tile(self._nbytes, nblocks).tolist())
+            _copy_all(dsts, srcs, np.tile(self._nbytes, nblocks).tolist())
 
     def to_host(self, blocks: np.ndarray, slots: np.ndarray, after: Any) -> Completion:
         dev, host = self._addresses(blocks, slots)
@@ -357,31 +369,47 @@ class _CpuCopier:
                 + offsets[None, :]).ravel().tolist()
         return dev, host
 
+    def _device_views(self) -> list:
+        """One byte view per segment over the engine's tensor, for checksumming device pieces."""
+        if self._dev_views is None:
+            num_blocks = self._keep[0].num_blocks
+            self._dev_views = [
+                memoryview((ctypes.c_char * (stride * (num_blocks - 1) + size))
+                           .from_address(addr)).cast("B")
+                for addr, stride, size in zip(self._dev_addr.tolist(), self._dev_stride.tolist(),
+                                              self._nbytes.tolist())]
+        return self._dev_views
+
     def to_host_stamped(self, blocks: np.ndarray, slots: np.ndarray,
                         keys: Sequence[BlockKey], fingerprint: int) -> None:
-        """Copy each block into its slot run by run, checksumming each run of the payload just
-        after writing it (still in cache), then stamp the header."""
-        _, _, _, lengths, runs = self._stamp_pieces()
+        """Copy each block into its slot piece by piece, checksumming each piece of the device
+        block just after the copy read it (still in cache; the copy's streaming stores leave the
+        slot's bytes out of it), then stamp the header. The pieces are in payload order, so the
+        digest is the payload's."""
+        seg_idx, in_seg, _, lengths, _ = self._stamp_pieces()
         num_pieces = len(lengths)
         dev, host = self._piece_addresses(blocks, slots)
+        views = [self._device_views()[i] for i in seg_idx.tolist()]
+        starts = (blocks[:, None] * self._dev_stride[seg_idx][None, :]
+                  + in_seg[None, :]).ravel().tolist()
         slot_list = slots.tolist()
         arena = memoryview(self._arena.array)
         slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
-        memmove = _memmove
+        copy = _copy_bytes
 
         def work(first: int, stop: int) -> None:
             digest = xxhash.xxh3_64()
             for j in range(first, stop):
                 at = j * num_pieces
                 start = slot_list[j] * slot_bytes
-                payload = start + HEADER_BYTES
                 digest.reset()
-                for piece, end, lo, hi in runs:
-                    for k in range(at + piece, at + end):
-                        memmove(host[k], dev[k], lengths[k - at])
-                    digest.update(arena[payload + lo:payload + hi])
-                arena[start:payload] = header_for(keys[j], fingerprint, payload_bytes,
-                                                  digest.intdigest())
+                for p in range(num_pieces):
+                    k = at + p
+                    size = lengths[p]
+                    copy(host[k], dev[k], size)
+                    digest.update(views[p][starts[k]:starts[k] + size])
+                arena[start:start + HEADER_BYTES] = header_for(keys[j], fingerprint,
+                                                               payload_bytes, digest.intdigest())
 
         self._by_block(work, blocks.size)
 
@@ -405,7 +433,7 @@ class _CpuCopier:
         slot_list = slots.tolist()
         arena = memoryview(self._arena.array)
         slot_bytes, payload_bytes = self._slot_bytes, self._payload_bytes
-        memmove, memset = _memmove, ctypes.memset
+        copy, memset = _copy_bytes, ctypes.memset
         bad: list[int] = []
 
         def work(first: int, stop: int) -> None:
@@ -414,7 +442,7 @@ class _CpuCopier:
                 at = j * num_pieces
                 if check is not None and not check[j]:
                     for k in range(at, at + num_pieces):
-                        memmove(dev[k], host[k], lengths[k - at])
+                        copy(dev[k], host[k], lengths[k - at])
                     continue
                 start = slot_list[j] * slot_bytes
                 payload = start + HEADER_BYTES
@@ -427,7 +455,7 @@ class _CpuCopier:
                 digest.reset()
                 for piece, end, lo, hi in runs:
                     for k in range(at + piece, at + end):
-                        memmove(dev[k], host[k], lengths[k - at])
+                        copy(dev[k], host[k], lengths[k - at])
                     digest.update(arena[payload + lo:payload + hi])
                 if digest.intdigest() != want:
                     for k in range(at, at + num_pieces):
@@ -438,9 +466,9 @@ class _CpuCopier:
         return sorted(bad)
 
 
-def _memmove_all(dsts: list, srcs: list, sizes: list) -> None:
+def _copy_all(dsts: list, srcs: list, sizes: list) -> None:
     for d, s, size in zip(dsts, srcs, sizes):
-        _memmove(d, s, size)
+        _copy_bytes(d, s, size)
 
 
 def _wide_dtype(*values: int):
