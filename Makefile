@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml setup.py src/kvtier/transfer/_stream.c Makefile
 	@{ command -v redis-server && ldconfig -p | grep -q libibverbs.so.1; } >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian) for the G4 tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server libibverbs1; }
-	@{ command -v cc && $(PYTHON_BOOT) -c "import os, sysconfig, sys; \
-	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; \
-	  } >/dev/null 2>&1 || { echo "installing a C compiler and Python's headers (Debian) for the block copy"; \
+	@$(PYTHON_BOOT) -c "import os, shutil, sys, sysconfig; sys.exit(not ( \
+	  shutil.which(sysconfig.get_config_var('CC').split()[0]) and \
+	  os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))))" 2>/dev/null || { \
+	  echo "installing a C compiler and Python's headers (Debian) for the block copy"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends gcc python3-dev; }
 	[ -x $(PY) ] || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
