@@ -67,8 +67,9 @@ except ImportError as exc:  # a source tree that was never built (pip install bu
     _copy_bytes = ctypes.memmove
 
 # Checked copies hash each block's payload with one streaming xxh3 per block (the same digest as
-# one call) right after copying it, while it is in L2, in runs of this many bytes of
-# the arena slot: an offload after writing a run, an onboard after reading it.
+# one call) right after copying it, while the bytes the copy read are in L2, in pieces that never
+# cross a run of this many bytes of the arena slot: an offload hashes each device piece it has
+# copied, an onboard each slot run it has copied.
 _STAMP_RUN_BYTES = 256 << 10
 
 # CPU copies of at least this many bytes are split over ``copy_threads`` threads: one thread
