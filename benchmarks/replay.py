@@ -62,8 +62,8 @@ from need import data_dir  # ../shared/data beside the repository, or $TEST_DATA
 FRACTIONS = (0.01, 0.03, 0.1, 0.3)
 TARGET_FRACTION = 0.1
 # The tiered part runs fewer policies (each replay drives the whole Leader).
-TIERED_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "prefix_gdsf", "prefix_reuse",
-                   "dueling")
+TIERED_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "prefix_gdsf", "prefix_learned",
+                   "prefix_reuse", "dueling")
 COST = CostModel(bytes_per_token=131072)
 
 

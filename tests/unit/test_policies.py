@@ -27,7 +27,7 @@ from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
 
 NEW_POLICIES = ["lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf",
-                "prefix_reuse", "dueling"]
+                "prefix_learned", "prefix_reuse", "dueling"]
 ALL_NAMES = ["lru", "fifo", *NEW_POLICIES]
 
 
@@ -315,7 +315,8 @@ def test_blocks_above_the_main_priority_go_last(name):
     assert sum(key in pool for key in (b"d1", b"d2", b"d3", b"k1", b"k2", b"k3")) == 5
 
 
-@pytest.mark.parametrize("name", ["s3fifo", "arc", "prefix_gdsf", "prefix_reuse"])
+@pytest.mark.parametrize("name", ["s3fifo", "arc", "prefix_gdsf", "prefix_learned",
+                                  "prefix_reuse"])
 def test_host_tier_policy_works_through_the_connectors_leader(name):
     # G1 holds one request; the host tier, run by the real Leader, holds 10 blocks: LRU there
     # loses the hot prefix to the scans, a scan-resistant host policy keeps it.

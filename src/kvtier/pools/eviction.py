@@ -139,7 +139,8 @@ def insert_batch_hook(policy: EvictionPolicy) -> Callable[..., None]:
 # Built-in policies beyond this module register when their modules are imported.
 _REGISTRY: Registry[type[EvictionPolicy]] = Registry(
     "eviction policy", EvictionPolicy,
-    ("kvtier.pools.policies", "kvtier.pools.reuse_policy", "kvtier.pools.dueling"))
+    ("kvtier.pools.policies", "kvtier.pools.reuse_policy", "kvtier.pools.learned_policy",
+     "kvtier.pools.dueling"))
 register_policy = _REGISTRY.register
 
 

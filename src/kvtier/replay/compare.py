@@ -18,7 +18,7 @@ BOUNDS = (BELADY, BELADY_BLOCKS)
 # "all": the policies a deployment can choose, LRU first (the baseline). FIFO is left out: it is
 # a building block, never better than LRU for prefix caches.
 ALL_POLICIES = ("lru", "lru_freq", "s3fifo", "arc", "tinylfu", "prefix_lru", "prefix_gdsf",
-                "prefix_reuse", "dueling")
+                "prefix_learned", "prefix_reuse", "dueling")
 
 
 @dataclasses.dataclass(frozen=True)
