@@ -66,8 +66,8 @@ def runs(quick: bool):
             num_users=200, num_rounds=8, seed=3, concurrent_users=30, system_prompt_tokens=0,
             poisson=True, jitter=0.5, min_rounds=2))))
     for name, trace in held_out:
-        unique = trace.num_unique_blocks
-        longest = max(len(r.hash_ids) for r in trace.requests)
+        unique = trace.num_cacheable_blocks
+        longest = trace.longest_cacheable
         def size(fraction: float, longest=longest, unique=unique) -> int:
             return max(longest, round(unique * fraction))
         g2s = (size(0.03),) if quick else (0, size(0.03))

@@ -71,7 +71,7 @@ def bare_lru_hits(trace, capacity: int) -> int:
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
     for request in trace.requests:
-        keys = request.hash_ids
+        keys = request.cacheable_ids(trace.block_tokens)
         k = 0
         while k < len(keys) and keys[k] in cache:
             k += 1
@@ -129,8 +129,8 @@ def stacked(quick: bool, part: str, title: str,
     for name, _tuned, trace in traces(quick):
         if name.endswith("_s1"):
             continue   # one seed per source keeps this part short
-        unique = trace.num_unique_blocks
-        longest = max(len(r.hash_ids) for r in trace.requests)
+        unique = trace.num_cacheable_blocks
+        longest = trace.longest_cacheable
         g1 = max(longest, round(unique * 0.01))
         for layout in layouts:
             sizes = [(tier, max(longest, round(unique * fraction))) for tier, fraction in layout]
@@ -204,9 +204,9 @@ def main() -> None:
     print(f"{'trace':<22} {'capacity':>8} {'best':<12} {'x lru':>6} {'/belady':>8} "
           f"{'/bel_blk':>8}  tuned")
     for name, tuned, trace in traces(args.quick):
-        unique = trace.num_unique_blocks
+        unique = trace.num_cacheable_blocks
         # Never below the longest request: a cache that cannot hold one prompt is no test.
-        longest = max(len(r.hash_ids) for r in trace.requests)
+        longest = trace.longest_cacheable
         capacities = [max(longest, round(unique * f)) for f in fractions]
         if len(set(capacities)) < len(capacities):
             capacities = sorted(set(capacities))

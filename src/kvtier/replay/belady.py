@@ -46,13 +46,14 @@ class BeladyOracle:
         ids: list[int] = []
         offsets = [0]
         for request in trace.requests:
-            for block in request.hash_ids:
+            # Full blocks only, as the replay caches them (``TraceRequest.cacheable_ids``).
+            for block in request.cacheable_ids(trace.block_tokens):
                 ids.append(dense.setdefault(block, len(dense)))
             offsets.append(len(ids))
         self._ids = ids
         self._offsets = offsets
         self._num_keys = max(1, len(dense))
-        self._max_depth = max((len(r.hash_ids) for r in trace.requests), default=0) + 1
+        self._max_depth = trace.longest_cacheable + 1
         never = len(trace.requests)  # "no next use"
         next_use = [never] * len(ids)
         last_seen = [never] * self._num_keys
@@ -94,7 +95,7 @@ class BeladyOracle:
                     if cached[ids[pos]]:
                         hits += 1
             depth_of = 1 if prefix else 0
-            stats.add(end - start, hits, request.input_length, block_tokens)
+            stats.add(len(request.hash_ids), hits, request.input_length, block_tokens)
             for pos in range(start, end):
                 key = ids[pos]
                 nxt = next_use[pos]

@@ -7,7 +7,10 @@ One JSON object per line::
 ``hash_ids`` are chained prefix-block ids with ``block_tokens`` tokens per block (512 in the
 Mooncake traces): id ``k`` stands for block ``k`` *and every block before it*, so two requests
 share ``k`` blocks of KV prefix iff their first ``k`` ids are equal. The last block may be
-partial; ``len(hash_ids) == ceil(input_length / block_tokens)``.
+partial; ``len(hash_ids) == ceil(input_length / block_tokens)``. An engine caches full blocks
+only (vLLM hashes a block once it is full), so a replay caches and matches a request's
+:meth:`TraceRequest.cacheable_ids`: a partial last block is recomputed every time (its id does
+not come back: the next turn extends that block, and its id with it).
 
 Validation stops at the first bad line with a :class:`~kvtier.errors.TraceError` that names the
 line number and what is wrong, because a replay over a silently repaired trace would report hit
@@ -43,6 +46,10 @@ class TraceRequest:
                            "output_length": self.output_length,
                            "hash_ids": list(self.hash_ids)})
 
+    def cacheable_ids(self, block_tokens: int) -> tuple[int, ...]:
+        """The ids of the prompt's full blocks, the only ones an engine caches (module doc)."""
+        return self.hash_ids[:self.input_length // block_tokens]
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Trace:
@@ -62,6 +69,18 @@ class Trace:
     @property
     def num_unique_blocks(self) -> int:
         return len({h for r in self.requests for h in r.hash_ids})
+
+    @property
+    def num_cacheable_blocks(self) -> int:
+        """The working set of a replay: distinct full blocks (``cacheable_ids``)."""
+        block_tokens = self.block_tokens
+        return len({h for r in self.requests for h in r.cacheable_ids(block_tokens)})
+
+    @property
+    def longest_cacheable(self) -> int:
+        """The most full blocks one request has: a cache smaller than that is no test."""
+        block_tokens = self.block_tokens
+        return max((len(r.cacheable_ids(block_tokens)) for r in self.requests), default=0)
 
     def head(self, num_requests: int) -> Trace:
         """The first ``num_requests`` requests (a prefix is still a valid trace)."""
