@@ -7,7 +7,7 @@ admission policy varies. Traces (512-token blocks):
     100,000 blocks. ``adaptive``'s constants were chosen on it (marked ``tuned``);
   * ``azure_conv_s1`` / ``azure_code_s2``: the Azure 2023 traces as prefix sessions
     (kvtier.replay.azure, seeds 1 and 2), and ``synthetic_private_s3``: multi-round QA without
-    a shared prompt (kvtier.replay.synthetic, seed 3). G1 at 1 % of the working set (unique
+    a shared prompt (kvtier.replay.synthetic, seed 3). G1 at 1 % of the working set (unique full
     blocks), G3 at 3 %, 10 % and 30 %.
 Each with no host tier and with G2 at 3 % of the working set (Mooncake: 2,000 blocks).
 

@@ -10,7 +10,8 @@ Traces (512-token blocks):
     patterns (10 users at a time with a 1,000-token shared prompt, lengths +-20 %; 30 at a
     time, Poisson arrivals, no shared prompt, lengths +-50 %).
 
-Capacities are fractions of each trace's working set (unique blocks): 1 %, 3 %, 10 % (the
+Capacities are fractions of each trace's working set (unique full blocks, the ones a replay
+caches: kvtier.replay.trace): 1 %, 3 %, 10 % (the
 targets' range) and 30 %. Per (trace, capacity) every policy of ``kvtier replay --policies
 all`` runs and the best is picked from the results (never fixed in advance). Targets on the
 held-out traces at capacities up to 10 %: best >= 1.3x LRU and >= 0.5x Belady (1.3x is

@@ -90,7 +90,7 @@ def lead_after_releases(*runs: tuple[int, list[int]]) -> str:
 
 
 def test_the_lead_changes_only_beyond_the_noise():
-    assert DuelingEviction.EXPERTS[:3] == ("lru", "arc", "prefix_learned")
+    assert DuelingEviction.EXPERTS[:3] == ("lru", "arc", "prefix_gdsf")
     # One request with a long match is one lucky event, however many blocks it matched (a
     # 47-block tier flipped on a 17-block match and fell to 0.42x LRU).
     assert lead_after_releases((1, [0, 17, 0, 0])) == "lru"
@@ -107,7 +107,7 @@ def test_the_lead_changes_only_beyond_the_noise():
     assert lead_after_releases((1000, [10, 10, 0, 0]), (5, [0, 3, 0, 0])) == "lru"
     assert lead_after_releases((1000, [10, 10, 0, 0]), (400, [9, 10, 0, 0])) == "arc"
     assert lead_after_releases((10, [0, 3, 0, 0]), (10, [0, 0, 4, 0])) == "arc"  # 40 vs 30
-    assert lead_after_releases((10, [0, 3, 0, 0]), (40, [0, 0, 4, 0])) == "prefix_learned"
+    assert lead_after_releases((10, [0, 3, 0, 0]), (40, [0, 0, 4, 0])) == "prefix_gdsf"
     assert lead_after_releases((50, [5, 5, 5, 5])) == "lru"      # ties keep the lead
 
 

@@ -1,9 +1,9 @@
 """``dueling``: run several eviction policies side by side and follow the one that hits most.
 
-No single policy wins everywhere (``benchmarks/replay.py``): the online reuse model
-(``prefix_learned``) wins where shared prompts and sessions recur at random, the reuse-interval
-estimate (``prefix_reuse``) where conversations return after more traffic than the tier holds,
-``arc`` in between, and each falls below LRU somewhere. To know which expert would do best here, each runs alone in a *shadow*: a ``BlockPool``
+No single policy wins everywhere (``benchmarks/replay.py``): frequency (``prefix_gdsf``) wins where
+shared prompts recur at random, the reuse-interval estimate (``prefix_reuse``) where conversations
+return after more traffic than the tier holds, ``arc`` in between, and each falls below LRU
+somewhere. To know which expert would do best here, each runs alone in a *shadow*: a ``BlockPool``
 of the same size that holds keys only and sees the same releases and touches. The tier evicts as
 the current *lead*, the only expert that keeps an order over the tier's own blocks; a new lead is
 built from its shadow when it takes over (``EvictionPolicy.adopt``: the shadow's order, ghosts,
@@ -182,7 +182,7 @@ class DuelingEviction(EvictionPolicy):
     # Hits on active blocks too: a lead that counts them (arc's clock) hears them; the
     # others hear only hits on inactive blocks, as the pool would tell them alone.
     hits_while_active = True
-    EXPERTS = ("lru", "arc", "prefix_learned", "prefix_reuse")
+    EXPERTS = ("lru", "arc", "prefix_gdsf", "prefix_reuse")
     DECAY = 0.999  # per release
     Z = 2.0        # lead changes need a lead this many standard deviations of noise wide
 
