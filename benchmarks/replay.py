@@ -25,8 +25,9 @@ Replay speed: one replay per capacity of the whole Mooncake trace through the re
 LRU (the data README's sanity script). Tiered: the same traces through the connector's own Leader, G1 (LRU, as
 vLLM's prefix cache) at 1 % of the working set and the host tier at 3 % and 10 %, where
 kvtier's policies actually run; and G1 + host + disk (3 % + 10 %, 10 % + 30 %), each policy in
-both lower tiers, where what the host tier keeps decides which disk blocks a match can reach;
-both with ``default`` too (each tier's default policy, as a user gets it) and each policy's
+both lower tiers, where what the host tier keeps decides which disk blocks a match can reach,
+and the same stacks with each policy in the disk tier only (LRU on host; both seeds), what
+``disk_eviction_policy`` alone does; all with ``default`` too (each tier's default policy, as a user gets it) and each policy's
 replay CPU time against LRU's (the leader's cost).
 
 Prints tables, then one JSON object as the last stdout line.
@@ -117,18 +118,20 @@ def traces(quick: bool) -> list[tuple[str, bool, object]]:
 
 
 def stacked(quick: bool, part: str, title: str,
-            layouts: tuple[tuple[tuple[Tier, float], ...], ...]) -> list[dict]:
+            layouts: tuple[tuple[tuple[Tier, float], ...], ...], *,
+            policy_tiers: frozenset[Tier] | None = None, both_seeds: bool = False) -> list[dict]:
     """The connector's own tiers, run by the real Leader: G1 (vLLM's prefix cache, LRU) at 1 %
     of the working set above each layout of lower tiers (tier and size as a fraction of the
-    working set), each policy in every lower tier, and ``default`` (each tier's default policy,
-    what a user gets). Per run the best policy against LRU in them on the total block hit
-    ratio; then each policy's worst ratio to LRU over the runs, and what each costs: its
-    replay's CPU time against LRU's on the first trace's first layout."""
+    working set), each policy in every lower tier (or in ``policy_tiers`` only, LRU in the
+    others), and ``default`` (each tier's default policy, what a user gets). Per run the best
+    policy against LRU in them on the total block hit ratio; then each policy's worst ratio to
+    LRU over the runs, and what each costs: its replay's CPU time against LRU's on the first
+    trace's first layout. One seed per source unless ``both_seeds``."""
     out: list[dict] = []
     worst: dict[str, tuple[float, str]] = {}
     print(f"{title:<22} {'sizes':>11} {'best':<12} {'x lru':>6}  all policies")
     for name, _tuned, trace in traces(quick):
-        if name.endswith("_s1"):
+        if name.endswith("_s1") and not both_seeds:
             continue   # one seed per source keeps this part short
         unique = trace.num_cacheable_blocks
         longest = trace.longest_cacheable
@@ -137,9 +140,13 @@ def stacked(quick: bool, part: str, title: str,
             sizes = [(tier, max(longest, round(unique * fraction))) for tier, fraction in layout]
             ratios, seconds, runs = {}, {}, {}   # runs: per-tier policies -> (ratio, s)
             for policy in (*TIERED_POLICIES, "default"):
+                def eviction(tier: Tier, policy: str = policy) -> str | None:
+                    if policy == "default":
+                        return None
+                    return policy if policy_tiers is None or tier in policy_tiers else "lru"
+
                 specs = [TierSpec(Tier.G1, g1)] + [
-                    TierSpec(tier, blocks, eviction=None if policy == "default" else policy)
-                    for tier, blocks in sizes]
+                    TierSpec(tier, blocks, eviction=eviction(tier)) for tier, blocks in sizes]
                 per_tier = tuple(spec.eviction for spec in specs[1:])
                 if per_tier not in runs:   # the default may be a policy already run
                     start = time.process_time()
@@ -284,6 +291,9 @@ def main() -> None:
 
     results += stacked(args.quick, "tiered", "G1 lru + G2", HOST_LAYOUTS)
     results += stacked(args.quick, "three_tier", "G1 lru + G2 + G3", HOST_DISK_LAYOUTS)
+    # The disk tier's own policy (the host tier's LRU): what ``disk_eviction_policy`` does.
+    results += stacked(args.quick, "disk_policy", "G1 + G2 lru + G3", HOST_DISK_LAYOUTS,
+                       policy_tiers=frozenset({Tier.G3}), both_seeds=True)
 
     trace, capacities = mooncake
     # The general policy at every capacity, every other policy at the smallest.
