@@ -15,6 +15,10 @@ this process so that other load on the machine does not skew the ratio):
   pool_cycle_events  KV events on both pools (kvtier also records token ids, as vLLM does)
   pool_cycle_POLICY  events off, kvtier's pool running each other eviction policy of
                      ``kvtier replay --policies all`` (the tiers' options) instead of LRU
+  pool_memory_POLICY bytes per pool block the pool and its policy hold once the pool has
+                     turned over ten times (unique 8-block requests; ghost histories full),
+                     traced by tracemalloc, against vLLM's BlockPool through the same cycle;
+                     the keys themselves are not counted (allocated before tracing)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import random
 import statistics
 import time
+import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,6 +112,45 @@ def run_vllm(pool, requests) -> float:
     return time.process_time() - start
 
 
+def traced_bytes(cycle) -> int:
+    """Bytes still allocated after ``cycle()`` builds and runs a pool (kept alive by it)."""
+    tracemalloc.start()
+    try:
+        kept = cycle()
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del kept
+    return size
+
+
+def memory_results(capacity: int) -> list[dict]:
+    """Per policy: the pool's bytes per block after ten turnovers, vLLM's pool beside it."""
+    from vllm.v1.core.block_pool import BlockPool as VllmBlockPool
+
+    requests = make_workload(10 * capacity // 8, 1, 0, 8, seed=1)   # all unique
+
+    def vllm_cycle():
+        pool = VllmBlockPool(capacity + 1, enable_caching=True, hash_block_size=BLOCK)
+        run_vllm(pool, requests)
+        return pool
+
+    theirs = traced_bytes(vllm_cycle) / capacity
+    out = []
+    for policy in ALL_POLICIES:
+        def cycle(policy=policy):
+            pool = BlockPool(Tier.G3, capacity, eviction=policy, block_size=BLOCK)
+            run_kvtier(pool, requests, False)
+            return pool
+        ours = traced_bytes(cycle) / capacity
+        metric = f"pool_memory_{policy}"
+        print(f"{metric:<22}{ours:>17,.0f}{theirs:>16,.0f}{ours / theirs:>8.2f}  bytes/block")
+        out.append({"metric": metric, "value": round(ours), "unit": "bytes/block",
+                    "baseline": "vllm.v1.core.block_pool.BlockPool", "baseline_value":
+                    round(theirs), "ratio": round(ours / theirs, 2)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (< 40 s)")
@@ -167,6 +211,7 @@ def main() -> None:
                         "baseline": "vllm.v1.core.block_pool.BlockPool",
                         "baseline_value": round(theirs_med),
                         "ratio": round(ours_med / theirs_med, 2)})
+    results += memory_results(2000 if args.quick else 20000)
     print(json.dumps({"bench": "pool", "results": results}))
 
 
