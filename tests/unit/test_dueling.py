@@ -260,7 +260,9 @@ def test_the_leader_shows_each_lookup_to_the_host_tier_with_what_the_disk_holds(
     assert any(on_disk) and not all(on_disk)
 
 
-@pytest.mark.parametrize("expert", DuelingEviction.EXPERTS)
+# prefix_learned is no expert of dueling's, but its adopt is the same contract (a user's
+# dueling subclass may run it).
+@pytest.mark.parametrize("expert", [*DuelingEviction.EXPERTS, "prefix_learned"])
 def test_a_new_lead_evicts_exactly_as_it_would_have_alone(expert):
     # Only the lead keeps an order over the tier's blocks; a new lead adopts what its shadow
     # learned. With the shadow as this pool (one expert twice, the same traffic), the adopted
