@@ -285,10 +285,11 @@ class ReplaySimulator:
             keys = request.cacheable_ids(self.block_tokens)
             if single:
                 hits = self._serve_device_only(keys)
-                saved = min(hits * self.block_tokens, request.input_length) * per_recompute
+                tokens = hits * self.block_tokens   # full blocks only: each holds them all
+                saved = tokens * per_recompute
                 g1 = self._tiers[0].stats
                 g1.blocks_hit += hits
-                g1.tokens_hit += min(hits * self.block_tokens, request.input_length)
+                g1.tokens_hit += tokens
                 g1.ttft_saved_s += saved
             else:
                 hits, saved = self._serve(str(number), keys, request.input_length)
@@ -330,7 +331,7 @@ class ReplaySimulator:
         failed = self._workers.failed_loads.pop(req_id, ())
         device = self._tiers[0]
         device.stats.blocks_hit += g1_hits
-        g1_tokens = min(g1_hits * bt, input_length)
+        g1_tokens = g1_hits * bt
         device.stats.tokens_hit += g1_tokens
         saved = g1_tokens * self._seconds_per_recompute
         device.stats.ttft_saved_s += saved

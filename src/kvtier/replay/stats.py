@@ -20,7 +20,8 @@ class HitStats:
         self.blocks_total += num_blocks
         self.blocks_hit += hit_blocks
         self.tokens_total += input_length
-        # The last block may be partial: a hit on it saves only the tokens it holds.
+        # Replays hit full blocks only (TraceRequest.cacheable_ids); min() keeps a caller that
+        # counts a partial last block from claiming tokens the prompt does not have.
         self.tokens_hit += min(hit_blocks * block_tokens, input_length)
 
     @property
