@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,26 +33,42 @@ LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768   # Linux's default
+
+
+_PORTS = random.Random()   # seeded from the OS: concurrent test runs pick apart
 
 
 def free_ports(num: int) -> list[int]:
-    """``num`` distinct TCP ports free on loopback right now: held open together while chosen,
-    so the kernel cannot hand out one twice (separate ``free_port()`` calls can)."""
-    socks = []
-    try:
-        for _ in range(num):
-            sock = socket.socket()
-            sock.bind((LOOPBACK, 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """``num`` distinct TCP ports free on loopback right now, chosen below the kernel's
+    ephemeral range. A port the kernel picked (bind to 0) lies in that range, and until the
+    server binds it the kernel may hand it out as the source port of any outgoing connection;
+    a client retrying a server that is not up yet can even connect to itself on it. Both took
+    a Mooncake master's port under load (it exited at start). Below the range, neither can."""
+    high = _ephemeral_ports_start()
+    low = max(1024, high - 12000)
+    chosen: list[int] = []
+    while len(chosen) < num:
+        port = _PORTS.randrange(low, high)
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue   # in use
+        chosen.append(port)
+    return chosen
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (``free_ports``)."""
+    return free_ports(1)[0]
 
 
 def _tool(name: str) -> str | None:
