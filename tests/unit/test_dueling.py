@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from typing import ClassVar
@@ -10,7 +11,7 @@ import pytest
 from policy_cases import hits, make_trace, order_of_one_time_blocks
 
 from kvtier.pools import BlockPool
-from kvtier.pools.dueling import DuelingEviction, _Shadow
+from kvtier.pools.dueling import DuelingEviction, _KeySample, _Shadow
 from kvtier.replay.simulator import CostModel, TierSpec, replay
 from kvtier.replay.trace import Trace
 from kvtier.tiers import Tier
@@ -211,10 +212,11 @@ def test_a_shadow_hits_and_keeps_exactly_what_a_block_pool_would(expert):
         assert set(shadow.registry) == {k for k in range(-2, 9000) if k in pool}
 
 
-def lead_with_lookups(trace: Trace, capacity: int, served_elsewhere) -> str:
+def lead_with_lookups(trace: Trace, capacity: int, served_elsewhere,
+                      dueling: type[DuelingEviction] = DuelingEviction) -> str:
     """The lead after serving ``trace`` from one pool whose requests are first shown to the
     policy as lookups (as the leader shows its host and disk tiers')."""
-    policy = DuelingEviction(capacity)
+    policy = dueling(capacity)
     pool = BlockPool(Tier.G2, capacity, eviction=policy)
     for request in trace.requests:
         chain = list(request.hash_ids)
@@ -289,3 +291,72 @@ def test_a_new_lead_evicts_exactly_as_it_would_have_alone(expert):
             alone.touch([touched])
         assert [k for k in range(-2, 9000) if k in pool] == \
             [k for k in range(-2, 9000) if k in alone], step
+
+
+def test_decay_owed_over_releases_without_hits_is_paid_before_the_next_score():
+    # Releases no shadow hits on only age the counts: 10,000 of them leave arc's 30 hits
+    # worth nothing, so prefix_gdsf's 40 after them take the lead. Were the owed decay
+    # dropped, arc would keep its 30 and the lead (10 ahead is inside the noise).
+    assert lead_after_releases((10, [0, 3, 0, 0])) == "arc"
+    assert lead_after_releases((10, [0, 3, 0, 0]), (10_000, [0, 0, 0, 0]),
+                               (10, [0, 0, 4, 0])) == "prefix_gdsf"
+    assert lead_after_releases((10, [0, 3, 0, 0]), (10, [0, 0, 4, 0])) == "arc"
+
+
+def test_a_key_sample_holds_its_rate_of_any_keys_the_same_in_every_run():
+    sample = _KeySample(0.1)
+    counting = sum(map(sample.holds, range(100_000)))          # the replay's trace ids
+    digests = sum(sample.holds(hashlib.sha256(b"%d" % i).digest()) for i in range(100_000))
+    assert 9_500 < counting < 10_500 and 9_500 < digests < 10_500
+    assert [k for k in range(500) if _KeySample(0.1).holds(k)] == \
+        [k for k in range(500) if sample.holds(k)]
+    assert _KeySample(1.0).everything and not sample.everything
+
+
+class SmallShadows(RecordedDueling):
+    """dueling whose shadows sample any tier above 48 blocks."""
+
+    SHADOW_BLOCKS = 48
+
+
+def test_a_large_tier_s_shadows_follow_a_sample_of_its_keys_at_a_fixed_size():
+    trace, capacity = round_robin(users=48, turns=12), 192     # the shadows see a quarter
+    lru, reuse = hits(trace, "lru", capacity), hits(trace, "prefix_reuse", capacity)
+    assert reuse > 3 * lru  # the control: the experts differ a lot here
+    RecordedDueling.instances.clear()
+    assert hits(trace, f"{__name__}.SmallShadows", capacity) >= 0.8 * reuse
+    (policy,) = RecordedDueling.instances
+    assert policy.lead == "prefix_reuse"
+    for shadow in policy._shadows:
+        assert len(shadow._key) == 48 and len(shadow.registry) == 48
+        assert all(map(policy._sampled, shadow.registry))
+    nowhere = frozenset().__contains__
+    assert lead_with_lookups(trace, capacity, nowhere, SmallShadows) == "prefix_reuse"
+
+
+def test_a_sampled_tier_s_lookup_reaches_as_far_as_its_sampled_blocks_match():
+    policy = SmallShadows(192)
+    pool = BlockPool(Tier.G2, 192, eviction=policy)
+    chain = list(range(100, 140))
+    serve(pool, chain, [0] * len(chain))
+    sampled = [key for key in chain if policy._sampled(key)]
+    assert 4 < len(sampled) < 30
+    policy.on_lookup(chain + [999], frozenset().__contains__)   # every shadow holds them all
+    assert policy._hits == [len(sampled)] * len(policy.EXPERTS)
+    policy.on_lookup([sampled[0], 5, 6, 7], frozenset({5, 6, 7}).__contains__)   # 1 + 3 others
+    assert policy._hits[0] == len(sampled) * policy.DECAY + 1 + sum(map(policy._sampled, [5, 6, 7]))
+
+
+def test_a_new_lead_of_a_sampled_tier_evicts_the_blocks_it_never_saw_first_oldest_first():
+    # arc orders blocks it knows nothing of as LRU (the prefix-aware experts would too, but
+    # must take a block's sampled descendants before it: leaves first).
+    policy = SmallShadows(192)
+    pool = BlockPool(Tier.G2, 192, eviction=policy)
+    rng = random.Random(3)
+    for _ in range(400):
+        user = rng.randrange(40)
+        serve(pool, [user * 1000 + i for i in range(rng.randint(2, 8))], [0] * 8)
+    unseen = [block for block in policy._inactive if not policy._sampled(policy._key[block])]
+    assert 100 < len(unseen) < len(policy._inactive)
+    policy._take_lead(DuelingEviction.EXPERTS.index("arc"))
+    assert [policy.victim() for _ in unseen] == unseen

@@ -32,8 +32,20 @@ and one the disk lacks is worth every disk block behind it it connects: in a G1 
 stack, scoring by the host tier's own hits made the lead leave LRU for experts that keep what
 the disk keeps, and the stack lost up to 13 % of its hits to LRU's; scored by reach it never
 falls below LRU there (``benchmarks/replay.py``). From the first lookup on, releases only feed
-the shadows. Cost: every hook runs in each shadow and in the lead, about
-``len(EXPERTS) + 1`` times one policy's work per block.
+the shadows.
+
+Cost: a shadow does one policy's work per block it sees, and holds one policy's state (its ghost
+histories are up to 8x its size). A tier of at most ``SHADOW_BLOCKS`` blocks shows its shadows
+every key, which costs ``len(EXPERTS) + 1`` times one policy's work per block and, at that size,
+about 25 MB. A larger tier shows them a fixed sample of its keys (``_KeySample``) and gives each
+shadow ``SHADOW_BLOCKS`` blocks, the tier scaled by the sample's rate, as miniature simulations
+do (Waldspurger et al., USENIX ATC 2017: a cache of a sample of the keys, scaled by the same
+rate, hits the same fraction). A chain's sampled blocks form a chain of their own, so a sampled
+miss still ends the shadow's match. Above ``SHADOW_BLOCKS`` the shadows' memory stays where it
+is, and their time per block falls with the rate. All experts see the same sample, so they are
+compared on the same requests; the noise rule sees the smaller counts, and a lead then needs
+more evidence to change. A new lead adopts exactly what its shadow knows of the sampled blocks;
+it knows nothing of the others, so those go first, in the tier's LRU order.
 """
 
 from __future__ import annotations
@@ -53,6 +65,26 @@ from kvtier.tiers import BlockKey
 __all__ = ["DuelingEviction"]
 
 logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+class _KeySample:
+    """A fixed pseudo-random ``rate`` of all block keys, the same in every process and run:
+    a key is in it when the top 32 bits of its first 8 bytes (or its int value) times a
+    Fibonacci-hashing constant fall below ``rate`` x 2^32. Keys are content hashes, but the
+    replay's trace ids count up from 0; the multiplication spreads both."""
+
+    __slots__ = ("_below", "everything", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self._below = round(rate * (1 << 32))
+        self.rate = self._below / (1 << 32)
+        self.everything = self._below >= 1 << 32
+
+    def holds(self, key: BlockKey) -> bool:
+        value = key if isinstance(key, int) else int.from_bytes(key[:8], "little")
+        return (value * 0x9E3779B97F4A7C15 & _MASK64) >> 32 < self._below
 
 
 class _Shadow:
@@ -185,13 +217,19 @@ class DuelingEviction(EvictionPolicy):
     EXPERTS = ("lru", "arc", "prefix_gdsf", "prefix_reuse")
     DECAY = 0.999  # per release
     Z = 2.0        # lead changes need a lead this many standard deviations of noise wide
+    # Shadows of a larger tier follow a sample of its keys in a cache this size (module doc).
+    SHADOW_BLOCKS = 4096
 
     def __init__(self, num_blocks: int) -> None:
         super().__init__(num_blocks)
-        self._shadows = [_Shadow(name, num_blocks) for name in self.EXPERTS]
+        sample = _KeySample(min(1.0, self.SHADOW_BLOCKS / num_blocks) if num_blocks else 1.0)
+        self._sampled = None if sample.everything else sample.holds
+        shadow_blocks = round(num_blocks * sample.rate)
+        self._shadows = [_Shadow(name, shadow_blocks) for name in self.EXPERTS]
         self._hits = [0.0] * len(self.EXPERTS)
         # _spread[i][j]: decayed sum over releases of (expert i's hits - expert j's)^2
         self._spread = [[0.0] * len(self.EXPERTS) for _ in self.EXPERTS]
+        self._quiet = 0   # releases since the last with any shadow hit (decay owed; see score)
         self._lead = 0
         self._expert = make_eviction_policy(self.EXPERTS[0], num_blocks)
         self._expert_batch = insert_batch_hook(self._expert)
@@ -210,7 +248,10 @@ class DuelingEviction(EvictionPolicy):
 
     def on_insert(self, block_id: int, key: BlockKey, priority: int) -> None:
         # The host and disk tiers' release, block by block: the shortest path.
-        got = [shadow.one(key, priority) for shadow in self._shadows]
+        if self._sampled is None or self._sampled(key):
+            got = [shadow.one(key, priority) for shadow in self._shadows]
+        else:
+            got = ()   # no shadow saw it
         self._key[block_id] = key
         self._priority[block_id] = priority
         self._inactive[block_id] = None
@@ -224,9 +265,17 @@ class DuelingEviction(EvictionPolicy):
             block_id = block_ids[0]
             self.on_insert(block_id, key_of[block_id], priority_of[block_id])
             return
-        chain = [key_of[b] for b in reversed(block_ids)]
-        priorities = [priority_of[b] for b in reversed(block_ids)]
-        got = [shadow.request(chain, priorities) for shadow in self._shadows]
+        sampled, head_first = self._sampled, block_ids[::-1]
+        if sampled is not None:
+            # The shadows see the sampled blocks of the chain, each linked to its nearest
+            # sampled ancestor: a miss on any of them ends the shadow's match.
+            head_first = [b for b in head_first if sampled(key_of[b])]
+        if head_first:
+            chain = [key_of[b] for b in head_first]
+            priorities = [priority_of[b] for b in head_first]
+            got = [shadow.request(chain, priorities) for shadow in self._shadows]
+        else:
+            got = ()   # no shadow saw it
         keys, prio, inactive = self._key, self._priority, self._inactive
         for block_id in block_ids:
             keys[block_id] = key_of[block_id]
@@ -240,7 +289,18 @@ class DuelingEviction(EvictionPolicy):
         """Count one release's shadow hits (``got[i]``: expert i's) and move the lead to the
         expert with the most decayed hits if its margin over the lead exceeds ``Z`` standard
         deviations of both the counts and the per-release differences (module doc)."""
+        if not any(got):
+            # Decay alone cannot move the lead (the margin shrinks by DECAY, its noise by
+            # the root of it), so it is owed until the next release with a hit: most releases
+            # of a sampled or small tier have none.
+            self._quiet += 1
+            return
         hits, spread, decay = self._hits, self._spread, self.DECAY
+        if self._quiet:
+            owed, self._quiet = decay ** self._quiet, 0
+            hits[:] = [h * owed for h in hits]
+            for row in spread:
+                row[:] = [d * owed for d in row]
         for i, mine in enumerate(got):
             hits[i] = hits[i] * decay + mine
             row = spread[i]
@@ -260,7 +320,8 @@ class DuelingEviction(EvictionPolicy):
         block's link, then adopts what the shadow's policy learned (its order, ghosts, counts,
         intervals; ``EvictionPolicy.adopt``) for the tier's evictable blocks. The shadow heard
         the same traffic, so the new lead goes on as if it had run all along; only the blocks
-        the tier holds and the shadow does not are new to it (they go first)."""
+        the tier holds and the shadow does not (or, above ``SHADOW_BLOCKS``, does not sample)
+        are new to it: they go first."""
         expert = make_eviction_policy(self.EXPERTS[lead], self.num_blocks)
         link_no = self._link_no
         for block_id, (parent, parent_no) in self._links.items():
@@ -279,6 +340,8 @@ class DuelingEviction(EvictionPolicy):
         """Score each expert by how far this request's match would reach with its shadow as
         this tier (module doc); from the first lookup on, releases only feed the shadows."""
         self._scores_lookups = True
+        if self._sampled is not None:
+            keys = [key for key in keys if self._sampled(key)]
         elsewhere: list[bool] = []
         got = []
         for shadow in self._shadows:
@@ -303,8 +366,9 @@ class DuelingEviction(EvictionPolicy):
             # A touch (a match would have taken the block out of the order first): the host
             # tier's re-offer of a block it holds. The shadows hear it too, or shadow LRU
             # trails the real one (1,970 against 2,051 hits on one run) and the lead leaves it.
-            for shadow in self._shadows:
-                shadow.touch(key)
+            if self._sampled is None or self._sampled(key):
+                for shadow in self._shadows:
+                    shadow.touch(key)
             del inactive[block_id]
             inactive[block_id] = None   # most recently used now
             self._expert.on_hit(block_id, key)
