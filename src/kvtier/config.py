@@ -50,8 +50,8 @@ class KvtierConfig:
     remote_admission: str = "always"
 
     # Policies.
-    host_eviction_policy: str = "lru"
-    disk_eviction_policy: str = "lru"
+    host_eviction_policy: str = "dueling"
+    disk_eviction_policy: str = "dueling"
     disk_admission: str = "auto"
     offload_min_priority: int = 0
     onboard_mode: str = "auto"
