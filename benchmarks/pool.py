@@ -19,6 +19,9 @@ this process so that other load on the machine does not skew the ratio):
                      turned over ten times (unique 8-block requests; ghost histories full),
                      traced by tracemalloc, against vLLM's BlockPool through the same cycle;
                      the keys themselves are not counted (allocated before tracing)
+  pool_cycle_POLICY_N, pool_memory_POLICY_N
+                     ``lru`` and ``dueling`` in a pool of N blocks, a host tier's size, where
+                     dueling's shadows follow a sample of the keys
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def traced_bytes(cycle) -> int:
     return size
 
 
-def memory_results(capacity: int) -> list[dict]:
+def memory_results(capacity: int, policies=ALL_POLICIES) -> list[dict]:
     """Per policy: the pool's bytes per block after ten turnovers, vLLM's pool beside it."""
     from vllm.v1.core.block_pool import BlockPool as VllmBlockPool
 
@@ -137,13 +140,13 @@ def memory_results(capacity: int) -> list[dict]:
 
     theirs = traced_bytes(vllm_cycle) / capacity
     out = []
-    for policy in ALL_POLICIES:
+    for policy in policies:
         def cycle(policy=policy):
             pool = BlockPool(Tier.G3, capacity, eviction=policy, block_size=BLOCK)
             run_kvtier(pool, requests, False)
             return pool
         ours = traced_bytes(cycle) / capacity
-        metric = f"pool_memory_{policy}"
+        metric = f"pool_memory_{policy}" + ("" if policies is ALL_POLICIES else f"_{capacity}")
         print(f"{metric:<22}{ours:>17,.0f}{theirs:>16,.0f}{ours / theirs:>8.2f}  bytes/block")
         out.append({"metric": metric, "value": round(ours), "unit": "bytes/block",
                     "baseline": "vllm.v1.core.block_pool.BlockPool", "baseline_value":
@@ -211,7 +214,25 @@ def main() -> None:
                         "baseline": "vllm.v1.core.block_pool.BlockPool",
                         "baseline_value": round(theirs_med),
                         "ratio": round(ours_med / theirs_med, 2)})
+    # A tier above dueling's SHADOW_BLOCKS shows its shadows a sample of its keys: its cost
+    # at a host tier's size (32,768 blocks: 64 GiB of 2 MiB blocks), LRU's beside it.
+    large = 2 * capacity if args.quick else 8 * capacity
+    for policy in ("lru", "dueling"):
+        ours_bps, theirs_bps = [], []
+        for _ in range(policy_repeats):
+            ours = BlockPool(Tier.G2, large, eviction=policy, block_size=BLOCK)
+            ours_bps.append(num_blocks / run_kvtier(ours, requests, False))
+            theirs = VllmBlockPool(large + 1, enable_caching=True, hash_block_size=BLOCK)
+            theirs_bps.append(num_blocks / run_vllm(theirs, requests))
+        ours_med, theirs_med = statistics.median(ours_bps), statistics.median(theirs_bps)
+        metric = f"pool_cycle_{policy}_{large}"
+        print(f"{metric:<22}{ours_med:>17,.0f}{theirs_med:>16,.0f}{ours_med / theirs_med:>8.2f}")
+        results.append({"metric": metric, "value": round(ours_med), "unit": "blocks/s",
+                        "baseline": f"vllm.v1.core.block_pool.BlockPool of {large} blocks",
+                        "baseline_value": round(theirs_med),
+                        "ratio": round(ours_med / theirs_med, 2)})
     results += memory_results(2000 if args.quick else 20000)
+    results += memory_results(20000 if args.quick else 100000, ("lru", "dueling"))
     print(json.dumps({"bench": "pool", "results": results}))
 
 
