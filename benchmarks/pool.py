@@ -194,43 +194,34 @@ def main() -> None:
         results.append({"metric": metric, "value": round(med[ours]), "unit": "blocks/s",
                         "baseline": label, "baseline_value": round(med[theirs]),
                         "ratio": round(ratio, 2)})
-    # Every other eviction policy a tier can run, in the same cycle (events off), against
-    # vLLM's pool timed beside it.
     policy_repeats = max(1, repeats // 3)
-    for policy in ALL_POLICIES:
-        if policy == "lru":
-            continue
+
+    def policy_cycle(policy: str, size: int, metric: str, label: str) -> None:
+        """``policy`` in a pool of ``size`` blocks, vLLM's pool of that size timed beside it."""
         ours_bps, theirs_bps = [], []
         for _ in range(policy_repeats):
-            ours = BlockPool(Tier.G1, capacity, eviction=policy, block_size=BLOCK)
+            ours = BlockPool(Tier.G1, size, eviction=policy, block_size=BLOCK)
             ours_bps.append(num_blocks / run_kvtier(ours, requests, False))
             ours.check_invariants()
-            theirs = VllmBlockPool(capacity + 1, enable_caching=True, hash_block_size=BLOCK)
+            theirs = VllmBlockPool(size + 1, enable_caching=True, hash_block_size=BLOCK)
             theirs_bps.append(num_blocks / run_vllm(theirs, requests))
         ours_med, theirs_med = statistics.median(ours_bps), statistics.median(theirs_bps)
-        metric = f"pool_cycle_{policy}"
         print(f"{metric:<22}{ours_med:>17,.0f}{theirs_med:>16,.0f}{ours_med / theirs_med:>8.2f}")
         results.append({"metric": metric, "value": round(ours_med), "unit": "blocks/s",
-                        "baseline": "vllm.v1.core.block_pool.BlockPool",
-                        "baseline_value": round(theirs_med),
+                        "baseline": label, "baseline_value": round(theirs_med),
                         "ratio": round(ours_med / theirs_med, 2)})
+
+    # Every other eviction policy a tier can run, in the same cycle (events off).
+    for policy in ALL_POLICIES:
+        if policy != "lru":
+            policy_cycle(policy, capacity, f"pool_cycle_{policy}",
+                         "vllm.v1.core.block_pool.BlockPool")
     # A tier above dueling's SHADOW_BLOCKS shows its shadows a sample of its keys: its cost
     # at a host tier's size (32,768 blocks: 64 GiB of 2 MiB blocks), LRU's beside it.
     large = 2 * capacity if args.quick else 8 * capacity
     for policy in ("lru", "dueling"):
-        ours_bps, theirs_bps = [], []
-        for _ in range(policy_repeats):
-            ours = BlockPool(Tier.G2, large, eviction=policy, block_size=BLOCK)
-            ours_bps.append(num_blocks / run_kvtier(ours, requests, False))
-            theirs = VllmBlockPool(large + 1, enable_caching=True, hash_block_size=BLOCK)
-            theirs_bps.append(num_blocks / run_vllm(theirs, requests))
-        ours_med, theirs_med = statistics.median(ours_bps), statistics.median(theirs_bps)
-        metric = f"pool_cycle_{policy}_{large}"
-        print(f"{metric:<22}{ours_med:>17,.0f}{theirs_med:>16,.0f}{ours_med / theirs_med:>8.2f}")
-        results.append({"metric": metric, "value": round(ours_med), "unit": "blocks/s",
-                        "baseline": f"vllm.v1.core.block_pool.BlockPool of {large} blocks",
-                        "baseline_value": round(theirs_med),
-                        "ratio": round(ours_med / theirs_med, 2)})
+        policy_cycle(policy, large, f"pool_cycle_{policy}_{large}",
+                     f"vllm.v1.core.block_pool.BlockPool of {large} blocks")
     results += memory_results(2000 if args.quick else 20000)
     results += memory_results(20000 if args.quick else 100000, ("lru", "dueling"))
     print(json.dumps({"bench": "pool", "results": results}))
