@@ -302,7 +302,8 @@ def test_kvtier_startup_line_in_the_server_log(servers, run):
     lines = [line for line in log.splitlines() if "kvtier: tiers " in line]
     assert len(lines) == 1, lines
     summary = lines[0][lines[0].index("kvtier: tiers "):]
-    assert summary.startswith("kvtier: tiers G2 host 0.13 GB (1024 blocks)"), summary
+    assert summary.startswith("kvtier: tiers G2 host 0.13 GB (1024 blocks) eviction=dueling"), \
+        summary   # the default policy, named where a user reads the tiers
     assert "onboard_mode=always" in summary
     assert "(EngineCore" in lines[0], lines[0]  # in vLLM's format, from the engine process
     assert "kvtier: tiers" not in servers["baseline"].log_path.read_text(errors="replace")

@@ -144,9 +144,9 @@ def test_startup_summary_names_tiers_and_sizes_and_redacts(url, shown):
                          env={})
     line = startup_summary(config, TierLayout(500, 1000, 2_000_000), 32, world_size=2)
     assert "Sup3r-Secret" not in line
-    assert (f"kvtier: tiers G2 host 2.00 GB (500 blocks), G3 disk 4.00 GB (1000 blocks) in "
-            f"/cache, G4 remote {shown}; hash_mode=sha256, onboard_mode=always; block 32 "
-            "tokens, 4000000 B over 2 rank(s)") == line
+    assert (f"kvtier: tiers G2 host 2.00 GB (500 blocks) eviction=dueling, G3 disk 4.00 GB (1000 "
+            f"blocks) in /cache eviction=dueling, G4 remote {shown}; hash_mode=sha256, "
+            "onboard_mode=always; block 32 tokens, 4000000 B over 2 rank(s)") == line
 
 
 def test_startup_summary_of_a_remote_only_instance():
@@ -171,4 +171,4 @@ def test_startup_summary_sizes_read_well(num_blocks, shown):
 
     config = load_config({"host_cache_blocks": num_blocks}, env={})
     line = startup_summary(config, TierLayout(num_blocks, 0, 131072), 32)
-    assert line.startswith(f"kvtier: tiers G2 host {shown} ({num_blocks} blocks); "), line
+    assert line.startswith(f"kvtier: tiers G2 host {shown} ({num_blocks} blocks) eviction=dueling; "), line

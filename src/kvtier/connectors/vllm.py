@@ -251,8 +251,8 @@ def _load(extra: dict[str, Any]) -> KvtierConfig:
 def startup_summary(config: KvtierConfig, layout: TierLayout, block_tokens: int,
                     world_size: int = 1) -> str:
     """The one start-up line of the scheduler side: each tier with its size in GB (the whole
-    engine's, all ranks) and blocks, the remote URL without credentials, the hash and onboard
-    modes."""
+    engine's, all ranks), blocks and eviction policy, the remote URL without credentials, the
+    hash and onboard modes."""
     engine_block_bytes = layout.block_bytes * max(world_size, 1)
 
     def size(num_blocks: int) -> str:
@@ -262,10 +262,15 @@ def startup_summary(config: KvtierConfig, layout: TierLayout, block_tokens: int,
 
     tiers = []
     if layout.num_g2_slots:
-        kind = "host" if config.has_host else "host staging (G3/G4 transfers only, no cache)"
-        tiers.append(f"G2 {kind} {size(layout.num_g2_slots)}")
+        if config.has_host:
+            tiers.append(f"G2 host {size(layout.num_g2_slots)} "
+                         f"eviction={config.host_eviction_policy}")
+        else:
+            tiers.append("G2 host staging (G3/G4 transfers only, no cache) "
+                         f"{size(layout.num_g2_slots)}")
     if layout.num_g3_slots:
-        tiers.append(f"G3 disk {size(layout.num_g3_slots)} in {config.disk_dir}")
+        tiers.append(f"G3 disk {size(layout.num_g3_slots)} in {config.disk_dir} "
+                     f"eviction={config.disk_eviction_policy}")
     if config.has_remote:
         tiers.append(f"G4 remote {redact_url(config.remote_url)}")
     return (f"kvtier: tiers {', '.join(tiers)}; hash_mode={config.hash_mode}, "
