@@ -48,7 +48,7 @@ more evidence to change. A new lead adopts exactly what its shadow knows of the 
 it knows nothing of the others, so those go first (in the tier's LRU order, leaves first for a
 prefix-aware expert). ``benchmarks/replay.py`` chose the size: wherever shadows of 1,024 blocks
 sample (the Mooncake trace's tiers of 1,709 to 51,270 blocks, alone or behind G1), they hit
-within 3 % of shadows of 4,096 blocks and of unsampled ones, either way, and never below LRU,
+within 3.5 % of shadows of 4,096 blocks and of unsampled ones, either way, and never below LRU,
 in 0.6-0.8x the time of 4,096; shadows of 512 fell to 1.57x LRU where the others got 1.90x.
 """
 
