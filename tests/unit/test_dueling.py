@@ -360,3 +360,13 @@ def test_a_new_lead_of_a_sampled_tier_evicts_the_blocks_it_never_saw_first_oldes
     assert 100 < len(unseen) < len(policy._inactive)
     policy._take_lead(DuelingEviction.EXPERTS.index("arc"))
     assert [policy.victim() for _ in unseen] == unseen
+
+
+def test_the_host_tier_by_default_leaves_lru_where_lru_loses():
+    # The host tier's default policy (what a user gets without choosing) follows the evidence:
+    # behind a G1 tier, conversations taking turns beat LRU 5x in the host tier.
+    def host_hits(eviction: str | None) -> int:
+        return replay(round_robin(), [TierSpec(Tier.G1, 6), TierSpec(Tier.G2, 24, eviction=eviction)],
+                      cost=CostModel(bytes_per_token=1)).total.blocks_hit
+
+    assert host_hits(None) > 4 * host_hits("lru")
